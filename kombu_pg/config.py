@@ -1,0 +1,164 @@
+"""Validated settings shared by the transport, the result backend and the CLI.
+
+Nothing here talks to the database: bad input is refused before any SQL runs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+DEFAULT_SCHEMA = "kombu_pg"
+
+# Schema names become identifiers and NOTIFY channel prefixes; channels are limited to
+# 63 bytes, so the schema keeps room for a suffix such as ":results".
+_SCHEMA_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,47}$")
+
+# Keys Kombu and Celery themselves put into transport_options for every transport
+# (publish retry policy, callbacks).  They are accepted and not interpreted here.
+GENERIC_TRANSPORT_OPTIONS = frozenset(
+    {
+        "max_retries",
+        "interval_start",
+        "interval_step",
+        "interval_max",
+        "callback",
+        "errback",
+        "retry_errors",
+        "confirm_publish",
+        "body_encoding",
+        "deadletter_queue",
+    }
+)
+
+
+class ConfigurationError(ValueError):
+    """A kombu-pg option, URL or name is invalid."""
+
+
+def validate_schema(name: Any) -> str:
+    """Return ``name`` if it is an acceptable schema name, else raise ConfigurationError."""
+    if not isinstance(name, str) or not _SCHEMA_RE.match(name):
+        raise ConfigurationError(
+            f"invalid schema name {name!r}: use 1-48 characters, letters, digits and "
+            "underscores, not starting with a digit"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Options:
+    """kombu-pg options, read from ``broker_transport_options`` (or the backend's)."""
+
+    #: Schema holding every kombu-pg table.
+    schema: str = DEFAULT_SCHEMA
+    #: Apply missing migrations on first use (under an advisory lock).
+    auto_migrate: bool = True
+    #: Seconds between safety polls when no NOTIFY arrives.
+    polling_interval: float = 2.0
+    #: Messages claimed per round trip when the consumer has no prefetch limit.
+    claim_batch_max: int = 20
+    #: Seconds between recovery passes (dead consumers' messages unlocked, expiry).
+    recovery_interval: float = 2.0
+    #: Reclaim messages locked longer than this many seconds even if the owner lives.
+    visibility_timeout: float | None = None
+    #: Seconds a producer waits before sending another NOTIFY for the same queue.
+    notify_debounce: float = 0.02
+    #: Extra keyword arguments for ``psycopg.connect`` (e.g. ``sslrootcert``).
+    connect_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any] | None, *, allow: frozenset[str] = frozenset()) -> "Options":
+        raw = dict(raw or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known - GENERIC_TRANSPORT_OPTIONS - allow)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown kombu-pg option(s) {', '.join(map(repr, unknown))}; "
+                f"known options: {', '.join(sorted(known))}"
+            )
+        values = {k: raw[k] for k in known if k in raw}
+        opts = cls(**values)
+        opts._check()
+        return opts
+
+    def _check(self) -> None:
+        validate_schema(self.schema)
+        for name in ("polling_interval", "recovery_interval", "notify_debounce"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ConfigurationError(f"option {name!r} must be a number >= 0, got {value!r}")
+        if self.polling_interval <= 0 or self.recovery_interval <= 0:
+            raise ConfigurationError("polling_interval and recovery_interval must be > 0")
+        if not isinstance(self.claim_batch_max, int) or self.claim_batch_max < 1:
+            raise ConfigurationError(
+                f"option 'claim_batch_max' must be an integer >= 1, got {self.claim_batch_max!r}"
+            )
+        vt = self.visibility_timeout
+        if vt is not None and (not isinstance(vt, (int, float)) or vt <= 0):
+            raise ConfigurationError(f"option 'visibility_timeout' must be > 0 or None, got {vt!r}")
+        if not isinstance(self.auto_migrate, bool):
+            raise ConfigurationError("option 'auto_migrate' must be True or False")
+        if not isinstance(self.connect_kwargs, Mapping):
+            raise ConfigurationError("option 'connect_kwargs' must be a mapping")
+
+
+def build_conninfo(
+    url: str,
+    *,
+    user: str | None = None,
+    password: str | None = None,
+    port: int | None = None,
+    connect_timeout: float | None = None,
+    ssl: Mapping[str, Any] | bool | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    """Turn a libpq URL plus separately given parts into one libpq conninfo string.
+
+    The URL passes through untouched (multi-host, ``sslmode``, ``application_name``...);
+    values given separately fill in what the URL leaves out, and ``extra``
+    (``connect_kwargs``) overrides both.
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise ConfigurationError("a PostgreSQL URL is required, e.g. postgresql://user@host/db")
+    scheme = url.split("://", 1)[0] if "://" in url else None
+    if scheme is not None and scheme not in ("postgresql", "postgres"):
+        raise ConfigurationError(f"unsupported URL scheme {scheme!r}: use postgresql://")
+    try:
+        parsed = conninfo_to_dict(url)
+    except Exception as exc:  # psycopg raises ProgrammingError for malformed input
+        raise ConfigurationError(f"malformed PostgreSQL URL: {exc}") from None
+    merged: dict[str, Any] = {}
+    if user and "user" not in parsed:
+        merged["user"] = user
+    if password and "password" not in parsed:
+        merged["password"] = password() if callable(password) else password
+    if port and "port" not in parsed:
+        merged["port"] = int(port)
+    if connect_timeout and "connect_timeout" not in parsed:
+        # libpq takes whole seconds and treats values below 2 as 2.
+        merged["connect_timeout"] = max(2, int(round(float(connect_timeout))))
+    if isinstance(ssl, Mapping):
+        merged.update({k: v for k, v in ssl.items() if k.startswith("ssl")})
+    elif ssl is True and "sslmode" not in parsed:
+        merged["sslmode"] = "require"
+    parsed.setdefault("application_name", "kombu_pg")
+    merged.update(extra or {})
+    try:
+        return make_conninfo(make_conninfo(**parsed), **merged)
+    except Exception as exc:
+        raise ConfigurationError(f"invalid connection parameters: {exc}") from None
+
+
+def redact(conninfo_or_url: str) -> str:
+    """Return the connection string with any password masked, for logs and errors."""
+    try:
+        params = conninfo_to_dict(conninfo_or_url)
+    except Exception:
+        return "<unparsable connection string>"
+    if "password" in params:
+        params["password"] = "**"
+    return make_conninfo(**params)

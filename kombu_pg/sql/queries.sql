@@ -1,0 +1,231 @@
+-- Named queries of the kombu-pg store.  Each starts with "-- name: <name>".
+-- {schema} is the quoted schema identifier; values are always bound parameters.
+
+-- name: declare_queue
+INSERT INTO {schema}.queues (name, durable, exclusive, auto_delete, message_ttl_ms, expires_ms, max_priority)
+VALUES (%(name)s, %(durable)s, %(exclusive)s, %(auto_delete)s, %(message_ttl_ms)s, %(expires_ms)s, %(max_priority)s)
+ON CONFLICT (name) DO UPDATE
+SET durable = EXCLUDED.durable, exclusive = EXCLUDED.exclusive, auto_delete = EXCLUDED.auto_delete,
+    message_ttl_ms = EXCLUDED.message_ttl_ms, expires_ms = EXCLUDED.expires_ms,
+    max_priority = EXCLUDED.max_priority, last_used_at = now()
+
+-- name: ensure_queue
+INSERT INTO {schema}.queues (name) VALUES (%(name)s) ON CONFLICT (name) DO NOTHING
+
+-- name: queue_exists
+SELECT EXISTS (SELECT 1 FROM {schema}.queues WHERE name = %(name)s)
+    OR EXISTS (SELECT 1 FROM {schema}.messages WHERE queue = %(name)s)
+
+-- name: touch_queues
+UPDATE {schema}.queues SET last_used_at = now()
+WHERE name = ANY(%(names)s) AND expires_ms IS NOT NULL
+
+-- name: delete_queue
+WITH gone_messages AS (
+    DELETE FROM {schema}.messages WHERE queue = %(name)s RETURNING 1
+), gone_queue AS (
+    DELETE FROM {schema}.queues WHERE name = %(name)s RETURNING 1
+)
+SELECT (SELECT count(*) FROM gone_messages) + (SELECT count(*) FROM gone_queue)
+
+-- name: declare_exchange
+INSERT INTO {schema}.exchanges (name, type, durable, auto_delete)
+VALUES (%(name)s, %(type)s, %(durable)s, %(auto_delete)s)
+ON CONFLICT (name) DO UPDATE SET type = EXCLUDED.type, durable = EXCLUDED.durable,
+    auto_delete = EXCLUDED.auto_delete
+
+-- name: ensure_exchange
+INSERT INTO {schema}.exchanges (name, type) VALUES (%(name)s, %(type)s) ON CONFLICT (name) DO NOTHING
+
+-- name: exchange_type
+SELECT type FROM {schema}.exchanges WHERE name = %(name)s
+
+-- name: list_exchanges
+SELECT name FROM {schema}.exchanges ORDER BY name
+
+-- name: delete_exchange
+WITH gone AS (DELETE FROM {schema}.bindings WHERE exchange = %(name)s)
+DELETE FROM {schema}.exchanges WHERE name = %(name)s
+
+-- name: bind
+INSERT INTO {schema}.bindings (exchange, queue, routing_key, pattern)
+VALUES (%(exchange)s, %(queue)s, %(routing_key)s, %(pattern)s)
+ON CONFLICT (exchange, queue, routing_key) DO UPDATE SET pattern = EXCLUDED.pattern
+
+-- name: unbind
+DELETE FROM {schema}.bindings
+WHERE exchange = %(exchange)s AND queue = %(queue)s AND routing_key = %(routing_key)s
+
+-- name: bindings_for_exchange
+SELECT routing_key, pattern, queue FROM {schema}.bindings WHERE exchange = %(exchange)s
+ORDER BY queue, routing_key
+
+-- name: list_bindings
+SELECT queue, exchange, routing_key FROM {schema}.bindings ORDER BY exchange, queue, routing_key
+
+-- name: publish
+-- One message to one queue.  TTL: the sooner of the message's and the queue's.
+WITH inserted AS (
+    INSERT INTO {schema}.messages (queue, priority, payload, serial_key, visible_at, expires_at)
+    SELECT %(queue)s, %(priority)s, %(payload)s, %(serial_key)s,
+           now() + make_interval(secs => %(delay)s),
+           LEAST(now() + make_interval(secs => %(ttl)s),
+                 now() + make_interval(secs => q.message_ttl_ms / 1000.0))
+    FROM (VALUES (1)) AS one (x) LEFT JOIN {schema}.queues q ON q.name = %(queue)s
+    RETURNING queue
+)
+SELECT CASE WHEN %(notify)s THEN pg_notify(%(channel)s, queue) END FROM inserted
+
+-- name: publish_routed
+-- One message to every queue bound to the exchange whose binding matches.
+WITH targets AS (
+    SELECT DISTINCT b.queue
+    FROM {schema}.bindings b JOIN {schema}.exchanges e ON e.name = b.exchange
+    WHERE b.exchange = %(exchange)s
+      AND CASE e.type
+            WHEN 'fanout' THEN true
+            WHEN 'topic' THEN %(routing_key)s ~ b.pattern
+            ELSE b.routing_key = %(routing_key)s
+          END
+), inserted AS (
+    INSERT INTO {schema}.messages (queue, priority, payload, serial_key, visible_at, expires_at)
+    SELECT t.queue, %(priority)s, %(payload)s, %(serial_key)s,
+           now() + make_interval(secs => %(delay)s),
+           LEAST(now() + make_interval(secs => %(ttl)s),
+                 now() + make_interval(secs => q.message_ttl_ms / 1000.0))
+    FROM targets t LEFT JOIN {schema}.queues q ON q.name = t.queue
+    RETURNING queue
+)
+SELECT queue, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, queue) END FROM inserted
+
+-- name: claim
+-- Lock up to %(limit)s ready messages of one queue for this consumer, best first.
+WITH candidates AS (
+    SELECT id FROM {schema}.messages
+    WHERE queue = %(queue)s AND lock_token IS NULL AND visible_at IS NULL AND serial_key IS NULL
+      AND (expires_at IS NULL OR expires_at > now())
+    ORDER BY priority DESC, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {schema}.messages m
+SET lock_token = gen_random_uuid(), locked_by = %(consumer)s, locked_at = now(),
+    delivery_count = m.delivery_count + 1
+FROM candidates c
+WHERE m.id = c.id
+RETURNING m.id, m.priority, m.payload, m.lock_token, m.delivery_count
+
+-- name: claim_no_ack
+-- Take up to %(limit)s ready messages of one queue for a consumer that never acks.
+WITH candidates AS (
+    SELECT id FROM {schema}.messages
+    WHERE queue = %(queue)s AND lock_token IS NULL AND visible_at IS NULL AND serial_key IS NULL
+      AND (expires_at IS NULL OR expires_at > now())
+    ORDER BY priority DESC, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM {schema}.messages m
+USING candidates c
+WHERE m.id = c.id
+RETURNING m.id, m.priority, m.payload, NULL::uuid, m.delivery_count + 1
+
+-- name: ack
+DELETE FROM {schema}.messages WHERE lock_token = ANY(%(tokens)s::uuid[])
+
+-- name: requeue
+-- Unlock in place (never a copy): the message keeps its id, so its position.
+WITH freed AS (
+    UPDATE {schema}.messages
+    SET lock_token = NULL, locked_by = NULL, locked_at = NULL
+    WHERE lock_token = ANY(%(tokens)s::uuid[])
+    RETURNING queue
+)
+SELECT queue, pg_notify(%(channel)s, queue) FROM (SELECT DISTINCT queue FROM freed) q
+
+-- name: quarantine
+-- Move a message that cannot be decoded out of the way, whole, in one statement.
+WITH moved AS (
+    DELETE FROM {schema}.messages WHERE lock_token = %(token)s::uuid
+    RETURNING id, queue, payload
+)
+INSERT INTO {schema}.invalid_messages (id, queue, payload, error)
+SELECT id, queue, payload, %(error)s FROM moved
+
+-- name: purge
+DELETE FROM {schema}.messages WHERE queue = %(queue)s AND lock_token IS NULL
+
+-- name: size
+SELECT count(*) FROM {schema}.messages
+WHERE queue = %(queue)s AND lock_token IS NULL AND (expires_at IS NULL OR expires_at > now())
+
+-- name: notify
+SELECT pg_notify(%(channel)s, q) FROM unnest(%(queues)s::text[]) AS q
+
+-- name: register_consumer
+-- The advisory lock is taken before the row exists, so no one can see the row unlocked.
+WITH new AS (
+    SELECT nextval(%(sequence)s::regclass)::integer AS id
+), locked AS (
+    SELECT id, pg_advisory_lock(hashtext(%(namespace)s), id)::text AS ignored FROM new
+)
+INSERT INTO {schema}.consumers (id, hostname, pid)
+SELECT id, %(hostname)s, %(pid)s FROM locked
+RETURNING id
+
+-- name: unregister_consumer
+WITH freed AS (
+    UPDATE {schema}.messages
+    SET lock_token = NULL, locked_by = NULL, locked_at = NULL
+    WHERE locked_by = %(id)s AND lock_token IS NOT NULL
+    RETURNING queue
+), gone AS (
+    DELETE FROM {schema}.consumers WHERE id = %(id)s
+)
+SELECT DISTINCT queue, pg_notify(%(channel)s, queue) FROM freed
+
+-- name: release_consumer_lock
+SELECT pg_advisory_unlock(hashtext(%(namespace)s), %(id)s)
+
+-- name: try_recovery_lock
+-- One recovery pass at a time per schema; key 0 is never a consumer id.
+SELECT pg_try_advisory_xact_lock(hashtext(%(namespace)s), 0)
+
+-- name: dead_consumers
+-- A consumer whose advisory lock we can take is gone.  Never test our own ids: the lock
+-- is re-entrant, so it would look free.
+SELECT id FROM {schema}.consumers
+WHERE CASE WHEN id = ANY(%(own)s::integer[]) THEN false
+           ELSE pg_try_advisory_xact_lock(hashtext(%(namespace)s), id) END
+
+-- name: release_stale
+-- Unlock messages of dead consumers, orphans, and (optionally) locks older than the
+-- visibility timeout; then forget the dead consumers.
+WITH freed AS (
+    UPDATE {schema}.messages m
+    SET lock_token = NULL, locked_by = NULL, locked_at = NULL
+    WHERE m.lock_token IS NOT NULL
+      AND (m.locked_by = ANY(%(dead)s::integer[])
+           OR NOT EXISTS (SELECT 1 FROM {schema}.consumers c WHERE c.id = m.locked_by)
+           OR m.locked_at < now() - make_interval(secs => %(visibility_timeout)s))
+    RETURNING m.queue
+), gone AS (
+    DELETE FROM {schema}.consumers WHERE id = ANY(%(dead)s::integer[])
+)
+SELECT queue, count(*), pg_notify(%(channel)s, queue) FROM freed GROUP BY queue
+
+-- name: delete_expired_messages
+DELETE FROM {schema}.messages
+WHERE lock_token IS NULL AND expires_at IS NOT NULL AND expires_at <= now()
+
+-- name: delete_expired_queues
+-- RabbitMQ x-expires: a queue unused (no consumer touching it, no declare) that long.
+WITH expired AS (
+    DELETE FROM {schema}.queues
+    WHERE expires_ms IS NOT NULL
+      AND last_used_at < now() - make_interval(secs => expires_ms / 1000.0)
+    RETURNING name
+), gone_messages AS (
+    DELETE FROM {schema}.messages m USING expired e WHERE m.queue = e.name
+)
+SELECT name FROM expired

@@ -1,0 +1,23 @@
+"""The SQL layer of kombu-pg: schema migrations and named queries over psycopg 3.
+
+Nothing in this package imports Kombu or Celery, so it can be tested on its own against
+a real PostgreSQL server.
+"""
+
+from .broker import BrokerStore, Claimed, RecoveryReport
+from .connect import connect
+from .migrations import MigrationError, apply_migrations, current_version, migration_sql, pending_migrations
+from .queries import Queries
+
+__all__ = [
+    "BrokerStore",
+    "Claimed",
+    "MigrationError",
+    "Queries",
+    "RecoveryReport",
+    "apply_migrations",
+    "connect",
+    "current_version",
+    "migration_sql",
+    "pending_migrations",
+]

@@ -1,0 +1,279 @@
+"""Broker operations on the kombu-pg tables: routing state, publish, claim, ack, recovery."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import psycopg
+
+from .queries import Queries
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A message taken from a queue: ``token`` is its lock token (None for no-ack)."""
+
+    id: int
+    priority: int
+    payload: str
+    token: str | None
+    delivery_count: int
+
+
+@dataclass
+class RecoveryReport:
+    ran: bool = False
+    dead_consumers: list[int] = field(default_factory=list)
+    released: dict[str, int] = field(default_factory=dict)
+    expired_messages: int = 0
+    expired_queues: list[str] = field(default_factory=list)
+
+
+class BrokerStore:
+    """Broker SQL bound to one connection and one schema.
+
+    The connection must be in autocommit mode; every method is one round trip unless it
+    says otherwise.  The class is free of Kombu, so it can be driven directly in tests.
+    """
+
+    def __init__(self, conn: psycopg.Connection, schema: str) -> None:
+        self.conn = conn
+        self.q = Queries(schema)
+        self.schema = schema
+        #: NOTIFY channel for "queue X has work"; the payload is the queue name.
+        self.channel = f"{schema}:queues"
+        self._namespace = schema
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _exec(self, name: str, params: dict | None = None) -> psycopg.Cursor:
+        return self.conn.execute(self.q[name], params)
+
+    def _scalar(self, name: str, params: dict | None = None):
+        row = self._exec(name, params).fetchone()
+        return row[0] if row else None
+
+    # -- queues, exchanges, bindings --------------------------------------------
+
+    def declare_queue(
+        self,
+        name: str,
+        *,
+        durable: bool = True,
+        exclusive: bool = False,
+        auto_delete: bool = False,
+        message_ttl_ms: int | None = None,
+        expires_ms: int | None = None,
+        max_priority: int | None = None,
+    ) -> None:
+        self._exec(
+            "declare_queue",
+            dict(
+                name=name,
+                durable=durable,
+                exclusive=exclusive,
+                auto_delete=auto_delete,
+                message_ttl_ms=message_ttl_ms,
+                expires_ms=expires_ms,
+                max_priority=max_priority,
+            ),
+        )
+
+    def queue_exists(self, name: str) -> bool:
+        return bool(self._scalar("queue_exists", {"name": name}))
+
+    def touch_queues(self, names: Sequence[str]) -> None:
+        if names:
+            self._exec("touch_queues", {"names": list(names)})
+
+    def delete_queue(self, name: str) -> None:
+        """Delete the queue, its bindings and all its messages (in flight ones too)."""
+        self._exec("delete_queue", {"name": name})
+
+    def declare_exchange(self, name: str, type: str, *, durable: bool = True, auto_delete: bool = False) -> None:
+        self._exec("declare_exchange", dict(name=name, type=type, durable=durable, auto_delete=auto_delete))
+
+    def exchange_type(self, name: str) -> str | None:
+        return self._scalar("exchange_type", {"name": name})
+
+    def exchanges(self) -> list[str]:
+        return [r[0] for r in self._exec("list_exchanges")]
+
+    def delete_exchange(self, name: str) -> None:
+        self._exec("delete_exchange", {"name": name})
+
+    def bind(self, exchange: str, queue: str, routing_key: str, pattern: str | None, *, exchange_type: str = "direct") -> None:
+        """Bind in one transaction; the queue and exchange rows are created if missing."""
+        with self.conn.transaction():
+            self._exec("ensure_queue", {"name": queue})
+            self._exec("ensure_exchange", {"name": exchange, "type": exchange_type})
+            self._exec(
+                "bind",
+                dict(exchange=exchange, queue=queue, routing_key=routing_key or "", pattern=pattern),
+            )
+
+    def unbind(self, exchange: str, queue: str, routing_key: str) -> None:
+        self._exec("unbind", dict(exchange=exchange, queue=queue, routing_key=routing_key or ""))
+
+    def bindings(self, exchange: str) -> list[tuple[str, str | None, str]]:
+        return [tuple(r) for r in self._exec("bindings_for_exchange", {"exchange": exchange})]
+
+    def all_bindings(self) -> list[tuple[str, str, str]]:
+        return [tuple(r) for r in self._exec("list_bindings")]
+
+    # -- messages ----------------------------------------------------------------
+
+    def publish(
+        self,
+        queue: str,
+        payload: str,
+        *,
+        priority: int = 0,
+        ttl: float | None = None,
+        serial_key: str | None = None,
+        delay: float | None = None,
+        notify: bool = True,
+    ) -> None:
+        """Insert one message; durable when this returns (autocommit)."""
+        self._exec(
+            "publish",
+            dict(
+                queue=queue,
+                payload=payload,
+                priority=priority,
+                ttl=ttl,
+                serial_key=serial_key,
+                delay=delay,
+                notify=notify,
+                channel=self.channel,
+            ),
+        )
+
+    def publish_routed(
+        self,
+        exchange: str,
+        routing_key: str,
+        payload: str,
+        *,
+        priority: int = 0,
+        ttl: float | None = None,
+        serial_key: str | None = None,
+        delay: float | None = None,
+        notify: bool = True,
+    ) -> list[str]:
+        """Insert a copy for every queue whose binding matches; return those queues."""
+        rows = self._exec(
+            "publish_routed",
+            dict(
+                exchange=exchange,
+                routing_key=routing_key or "",
+                payload=payload,
+                priority=priority,
+                ttl=ttl,
+                serial_key=serial_key,
+                delay=delay,
+                notify=notify,
+                channel=self.channel,
+            ),
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def claim(self, queue: str, limit: int, consumer_id: int) -> list[Claimed]:
+        """Lock up to ``limit`` ready messages, returned best first (priority, then age)."""
+        rows = self._exec("claim", dict(queue=queue, limit=limit, consumer=consumer_id)).fetchall()
+        return _in_claim_order(rows)
+
+    def claim_no_ack(self, queue: str, limit: int) -> list[Claimed]:
+        """Remove and return up to ``limit`` ready messages (for consumers that never ack)."""
+        return _in_claim_order(self._exec("claim_no_ack", dict(queue=queue, limit=limit)).fetchall())
+
+    def ack(self, tokens: Iterable[str]) -> None:
+        """Delete delivered messages; a token that no longer matches is a no-op (fencing)."""
+        tokens = list(tokens)
+        if tokens:
+            self._exec("ack", {"tokens": tokens})
+
+    def requeue(self, tokens: Iterable[str]) -> list[str]:
+        """Unlock delivered messages in place and wake consumers; return the queues."""
+        tokens = list(tokens)
+        if not tokens:
+            return []
+        return [r[0] for r in self._exec("requeue", {"tokens": tokens, "channel": self.channel})]
+
+    def quarantine(self, token: str, error: str) -> None:
+        self._exec("quarantine", {"token": token, "error": error})
+
+    def purge(self, queue: str) -> int:
+        return self._exec("purge", {"queue": queue}).rowcount
+
+    def size(self, queue: str) -> int:
+        return int(self._scalar("size", {"queue": queue}))
+
+    def notify(self, queues: Iterable[str]) -> None:
+        queues = sorted(set(queues))
+        if queues:
+            self._exec("notify", {"channel": self.channel, "queues": queues})
+
+    # -- consumers and recovery ----------------------------------------------------
+
+    def register_consumer(self, hostname: str | None = None, pid: int | None = None) -> int:
+        """Register this session as a consumer; its liveness is the session's own life."""
+        return self._scalar(
+            "register_consumer",
+            dict(
+                sequence=f'"{self.schema}".consumer_ids',
+                namespace=self._namespace,
+                hostname=hostname or socket.gethostname(),
+                pid=pid or os.getpid(),
+            ),
+        )
+
+    def unregister_consumer(self, consumer_id: int) -> list[str]:
+        """Hand back everything the consumer still holds and drop its row and lock."""
+        with self.conn.transaction():
+            queues = [
+                r[0]
+                for r in self._exec("unregister_consumer", {"id": consumer_id, "channel": self.channel})
+            ]
+        self._exec("release_consumer_lock", {"namespace": self._namespace, "id": consumer_id})
+        return queues
+
+    def recover(self, own_consumers: Sequence[int], visibility_timeout: float | None = None) -> RecoveryReport:
+        """One recovery pass; skipped (``ran=False``) while another session runs one."""
+        report = RecoveryReport()
+        with self.conn.transaction():
+            if not self._scalar("try_recovery_lock", {"namespace": self._namespace}):
+                return report
+            report.ran = True
+            report.dead_consumers = [
+                r[0]
+                for r in self._exec(
+                    "dead_consumers", {"own": list(own_consumers), "namespace": self._namespace}
+                )
+            ]
+            for queue, count, _ in self._exec(
+                "release_stale",
+                dict(dead=report.dead_consumers, visibility_timeout=visibility_timeout, channel=self.channel),
+            ):
+                report.released[queue] = count
+            report.expired_messages = self._exec("delete_expired_messages").rowcount
+            report.expired_queues = [r[0] for r in self._exec("delete_expired_queues")]
+        if report.released:
+            logger.warning(
+                "kombu-pg recovered %d message(s) from dead or stale consumers: %s",
+                sum(report.released.values()),
+                report.released,
+            )
+        return report
+
+
+def _in_claim_order(rows: list[tuple]) -> list[Claimed]:
+    # UPDATE/DELETE ... RETURNING does not keep the CTE's ORDER BY.
+    rows.sort(key=lambda r: (-r[1], r[0]))
+    return [Claimed(r[0], r[1], r[2], str(r[3]) if r[3] is not None else None, r[4]) for r in rows]

@@ -1,0 +1,125 @@
+"""Numbered, idempotent schema migrations applied under an advisory lock.
+
+Migration files live in ``kombu_pg/sql/migrations/NNNN_name.sql``.  The pending ones are
+applied in one transaction together with their rows in ``schema_version``, so a crash
+leaves the schema at a whole version.  Many processes starting at once serialize on a transaction
+advisory lock and all but the first find nothing to do.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+import psycopg
+from psycopg import sql
+
+from ..config import validate_schema
+
+_FILE_RE = re.compile(r"^(\d{4})_(\w+)\.sql$")
+
+
+class MigrationError(RuntimeError):
+    """The database schema is missing or newer than this kombu-pg."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    body: str
+
+    def render(self, schema: str) -> sql.Composed:
+        return sql.SQL(self.body).format(schema=sql.Identifier(schema))
+
+
+@lru_cache(maxsize=1)
+def all_migrations() -> tuple[Migration, ...]:
+    folder = resources.files("kombu_pg").joinpath("sql", "migrations")
+    found = []
+    for entry in folder.iterdir():
+        match = _FILE_RE.match(entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise MigrationError(f"migration numbers must be 1..N without gaps, found {versions}")
+    return tuple(found)
+
+
+def _bootstrap(schema: str) -> sql.Composed:
+    return sql.SQL(
+        "CREATE SCHEMA IF NOT EXISTS {schema};"
+        " CREATE TABLE IF NOT EXISTS {schema}.schema_version ("
+        " version integer PRIMARY KEY, name text NOT NULL,"
+        " applied_at timestamptz NOT NULL DEFAULT now())"
+    ).format(schema=sql.Identifier(schema))
+
+
+def current_version(conn: psycopg.Connection, schema: str) -> int:
+    """The highest applied migration, 0 when the schema has none."""
+    validate_schema(schema)
+    row = conn.execute(
+        "SELECT to_regclass(format('%%I.schema_version', %(schema)s::text)) IS NOT NULL",
+        {"schema": schema},
+    ).fetchone()
+    if not row or not row[0]:
+        return 0
+    query = sql.SQL("SELECT coalesce(max(version), 0) FROM {}.schema_version").format(
+        sql.Identifier(schema)
+    )
+    return conn.execute(query).fetchone()[0]
+
+
+def pending_migrations(conn: psycopg.Connection, schema: str) -> list[Migration]:
+    version = current_version(conn, schema)
+    latest = all_migrations()[-1].version
+    if version > latest:
+        raise MigrationError(
+            f"schema {schema!r} is at version {version}, newer than this kombu-pg "
+            f"(knows up to {latest}); upgrade kombu-pg"
+        )
+    return [m for m in all_migrations() if m.version > version]
+
+
+def migration_sql(schema: str, from_version: int = 0) -> str:
+    """The SQL a DBA can review and run by hand to bring ``schema`` up to date."""
+    validate_schema(schema)
+    parts = [_bootstrap(schema).as_string(None) + ";"]
+    for m in all_migrations():
+        if m.version > from_version:
+            parts.append(f"-- {m.version:04d}_{m.name}\n" + m.render(schema).as_string(None))
+            parts.append(
+                sql.SQL("INSERT INTO {}.schema_version (version, name) VALUES ({}, {});")
+                .format(sql.Identifier(schema), sql.Literal(m.version), sql.Literal(m.name))
+                .as_string(None)
+            )
+    return "\n\n".join(parts) + "\n"
+
+
+def apply_migrations(conn: psycopg.Connection, schema: str) -> list[int]:
+    """Bring ``schema`` up to date; return the versions applied (empty if none)."""
+    validate_schema(schema)
+    if not pending_migrations(conn, schema):
+        return []
+    applied = []
+    with conn.transaction():
+        conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('kombu_pg:migrate:' || %(schema)s, 0))",
+            {"schema": schema},
+        )
+        conn.execute(_bootstrap(schema))
+        # Re-read under the lock: another process may have migrated meanwhile.
+        for m in pending_migrations(conn, schema):
+            conn.execute(m.render(schema))
+            conn.execute(
+                sql.SQL("INSERT INTO {}.schema_version (version, name) VALUES (%s, %s)").format(
+                    sql.Identifier(schema)
+                ),
+                (m.version, m.name),
+            )
+            applied.append(m.version)
+    return applied

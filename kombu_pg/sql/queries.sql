@@ -229,3 +229,9 @@ WITH expired AS (
     DELETE FROM {schema}.messages m USING expired e WHERE m.queue = e.name
 )
 SELECT name FROM expired
+
+-- name: set_aside
+-- Keep a no-ack message that cannot be decoded (it was already taken from its queue).
+INSERT INTO {schema}.invalid_messages (id, queue, payload, error)
+VALUES (%(id)s, %(queue)s, %(payload)s, %(error)s)
+ON CONFLICT (id) DO NOTHING

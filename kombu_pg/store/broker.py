@@ -209,6 +209,9 @@ class BrokerStore:
     def quarantine(self, token: str, error: str) -> None:
         self._exec("quarantine", {"token": token, "error": error})
 
+    def set_aside(self, message_id: int, queue: str, payload: str, error: str) -> None:
+        self._exec("set_aside", dict(id=message_id, queue=queue, payload=payload, error=error))
+
     def purge(self, queue: str) -> int:
         return self._exec("purge", {"queue": queue}).rowcount
 

@@ -1,0 +1,638 @@
+"""The Kombu transport: a thin adapter from Kombu's virtual channel API to the SQL store.
+
+Messages are rows locked in place (never popped): a claim stamps a lock token, which is
+the delivery tag; ack deletes by token, requeue unlocks by token.  Routing state
+(exchanges, bindings) is read from the database on every publish, so a binding made in
+one process routes a publish from another.  Wake-ups come from LISTEN/NOTIFY, through
+Celery's event loop when there is one and through ``select`` otherwise.
+"""
+
+from __future__ import annotations
+
+import binascii
+import logging
+import os
+import socket
+import threading
+from collections.abc import Iterable
+from queue import Empty
+from time import monotonic
+from typing import Any
+
+import psycopg
+from kombu.transport import virtual
+from kombu.transport.base import to_rabbitmq_queue_arguments
+from kombu.utils.compat import register_after_fork
+from kombu.utils.json import dumps, loads
+from kombu.utils.scheduling import FairCycle
+
+from .config import Options, build_conninfo, redact
+from .store import BrokerStore, Claimed, apply_migrations, connect
+from .store.wakeups import Listener, NotifyDebouncer
+
+logger = logging.getLogger(__name__)
+
+EXCHANGE_TYPES = ("direct", "topic", "fanout")
+
+# Migrations run once per (server, schema) per process; later connections skip the check.
+_migrated: set[tuple[str, str]] = set()
+_migrate_lock = threading.Lock()
+
+
+class InvalidMessage(ValueError):
+    """A row whose payload is not a Kombu message."""
+
+
+class QoS(virtual.QoS):
+    """Prefetch accounting in memory; acks and requeues go straight to the database."""
+
+    def ack(self, delivery_tag: str) -> None:
+        was_full = not self.can_consume()
+        self.channel.store.ack([delivery_tag])
+        super().ack(delivery_tag)
+        if was_full:
+            self.channel.connection.wake()
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        was_full = not self.can_consume()
+        if requeue:
+            self.channel.store.requeue([delivery_tag])
+        else:
+            self.channel.store.ack([delivery_tag])
+            logger.info("kombu-pg: message %s rejected without requeue and deleted", delivery_tag)
+        super().ack(delivery_tag)
+        if was_full:
+            self.channel.connection.wake()
+
+    def restore_unacked(self) -> list:
+        """Unlock every unacked delivery in place, in one statement."""
+        self._flush()
+        tags = list(self._delivered)
+        self._delivered.clear()
+        if tags:
+            try:
+                self.channel.store.requeue(tags)
+            except psycopg.Error as exc:
+                # Nothing was removed from the table: recovery unlocks these once this
+                # session is gone, so there is nothing to dump.
+                logger.warning("kombu-pg: could not hand back %d message(s) now (%s); "
+                               "recovery will", len(tags), exc)
+        return []
+
+
+class Channel(virtual.Channel):
+    QoS = QoS
+    supports_fanout = True
+    do_restore = True
+
+    def __init__(self, connection: "Transport", **kwargs: Any) -> None:
+        super().__init__(connection, **kwargs)
+        self._noack_queues: set[str] = set()
+        # auto_delete/exclusive queues this channel declared: deleted when it closes.
+        self._owned_queues: set[str] = set()
+        # Connect now, so a bad URL fails in Connection.connect(), not at first use.
+        self.store = connection.work_store()
+
+    # -- declarations ----------------------------------------------------------
+
+    def prepare_queue_arguments(self, arguments, **kwargs):
+        return to_rabbitmq_queue_arguments(arguments, **kwargs)
+
+    def _new_queue(self, queue, durable=True, exclusive=False, auto_delete=False,
+                   arguments=None, **kwargs):
+        arguments = arguments or {}
+        self.store.declare_queue(
+            queue,
+            durable=bool(durable),
+            exclusive=bool(exclusive),
+            auto_delete=bool(auto_delete),
+            message_ttl_ms=arguments.get("x-message-ttl"),
+            expires_ms=arguments.get("x-expires"),
+            max_priority=arguments.get("x-max-priority"),
+        )
+        if auto_delete or exclusive:
+            self._owned_queues.add(queue)
+
+    def _has_queue(self, queue, **kwargs):
+        return self.store.queue_exists(queue)
+
+    def exchange_declare(self, exchange=None, type="direct", durable=False,
+                         auto_delete=False, arguments=None, nowait=False, passive=False):
+        type = type or "direct"
+        exchange = exchange or f"amq.{type}"
+        if passive:
+            if self.store.exchange_type(exchange) is None:
+                return super().exchange_declare(exchange, type, passive=True)
+            return None
+        if type not in EXCHANGE_TYPES:
+            raise NotImplementedError(
+                f"kombu-pg supports {', '.join(EXCHANGE_TYPES)} exchanges, not {type!r}")
+        super().exchange_declare(exchange, type, durable, auto_delete, arguments, nowait)
+        self.store.declare_exchange(exchange, type, durable=bool(durable), auto_delete=bool(auto_delete))
+
+    def _exchange_type_name(self, exchange: str) -> str:
+        try:
+            return self.state.exchanges[exchange]["type"]
+        except KeyError:
+            return self.store.exchange_type(exchange) or "direct"
+
+    def typeof(self, exchange, default="direct"):
+        return self.exchange_types[self._exchange_type_name(exchange) if exchange else default]
+
+    def queue_bind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs):
+        exchange = exchange or "amq.direct"
+        type_name = self._exchange_type_name(exchange)
+        rkey, pattern, _ = self.exchange_types[type_name].prepare_bind(
+            queue, exchange, routing_key, arguments)
+        self.store.bind(exchange, queue, rkey or "", pattern, exchange_type=type_name)
+
+    def queue_unbind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs):
+        self.store.unbind(exchange or "amq.direct", queue, routing_key or "")
+
+    def get_table(self, exchange):
+        return self.store.bindings(exchange)
+
+    def list_bindings(self):
+        return iter(self.store.all_bindings())
+
+    def get_exchanges(self):
+        return self.store.exchanges()
+
+    def queue_delete(self, queue, if_unused=False, if_empty=False, **kwargs):
+        if if_empty and self._size(queue):
+            return
+        self.store.delete_queue(queue)
+        self.state.queue_bindings_delete(queue)
+        self._owned_queues.discard(queue)
+
+    def exchange_delete(self, exchange, if_unused=False, nowait=False):
+        self.store.delete_exchange(exchange)
+        self.state.exchanges.pop(exchange, None)
+
+    def _delete(self, queue, *args, **kwargs):
+        self.store.delete_queue(queue)
+
+    # -- publish ----------------------------------------------------------------
+
+    def basic_publish(self, message, exchange, routing_key, **kwargs):
+        """Route, insert and (debounced) notify in one statement; durable on return."""
+        self._inplace_augment_message(message, exchange, routing_key)
+        payload = dumps(message)
+        priority = self._get_message_priority(message)
+        ttl = _ttl_seconds(message)
+        if not exchange:
+            self._insert(routing_key, payload, priority, ttl)
+            return
+        queues = self.store.publish_routed(exchange, routing_key, payload, priority=priority, ttl=ttl)
+        if not queues and self.deadletter_queue:
+            logger.warning("kombu-pg: no route for exchange=%r routing_key=%r; sent to %r",
+                           exchange, routing_key, self.deadletter_queue)
+            self._insert(self.deadletter_queue, payload, priority, ttl)
+
+    def _insert(self, queue: str, payload: str, priority: int, ttl: float | None) -> None:
+        notify = self.connection.debouncer.should_notify(queue)
+        self.store.publish(queue, payload, priority=priority, ttl=ttl, notify=notify)
+
+    def _put(self, queue, message, **kwargs):
+        self._insert(queue, dumps(message), self._get_message_priority(message), _ttl_seconds(message))
+
+    # -- consume ----------------------------------------------------------------
+
+    def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):
+        if no_ack:
+            self._noack_queues.add(queue)
+        else:
+            self._noack_queues.discard(queue)
+        result = super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        self.connection.on_consume(queue)
+        return result
+
+    def basic_cancel(self, consumer_tag):
+        queue = self._tag_to_queue.get(consumer_tag)
+        result = super().basic_cancel(consumer_tag)
+        if queue is not None and queue not in self._active_queues:
+            self._noack_queues.discard(queue)
+            if queue in self._owned_queues:
+                # AMQP auto_delete: the queue goes when its last consumer does.
+                self.queue_delete(queue)
+        return result
+
+    def basic_get(self, queue, no_ack=False, **kwargs):
+        self.store.touch_queues([queue])
+        messages = self.fetch(queue, 1, no_ack=no_ack)
+        if not messages:
+            return None
+        message = self.Message(messages[0], channel=self)
+        if not no_ack:
+            self.qos.append(message, message.delivery_tag)
+        return message
+
+    def _get(self, queue, timeout=None):
+        messages = self.fetch(queue, 1)
+        if not messages:
+            raise Empty()
+        return messages[0]
+
+    def fetch(self, queue: str, limit: int, *, no_ack: bool | None = None) -> list[dict]:
+        """Claim up to ``limit`` messages of ``queue`` as Kombu payloads, best first."""
+        if no_ack is None:
+            no_ack = queue in self._noack_queues
+        if no_ack:
+            rows = self.store.claim_no_ack(queue, limit)
+        else:
+            rows = self.store.claim(queue, limit, self.connection.consumer_id())
+        messages = []
+        for row in rows:
+            try:
+                messages.append(self._to_payload(row))
+            except InvalidMessage as exc:
+                self._set_aside(queue, row, exc)
+        return messages
+
+    def _to_payload(self, row: Claimed) -> dict:
+        try:
+            payload = loads(row.payload)
+        except Exception as exc:
+            raise InvalidMessage(f"payload is not JSON: {exc}") from None
+        if not isinstance(payload, dict) or not isinstance(payload.get("properties"), dict):
+            raise InvalidMessage("payload is not a Kombu message (no properties mapping)")
+        if not isinstance(payload.get("headers") or {}, dict):
+            raise InvalidMessage("message headers are not a mapping")
+        properties = payload["properties"]
+        body, encoding = payload.get("body"), properties.get("body_encoding")
+        if body is not None and not isinstance(body, str):
+            raise InvalidMessage("message body is not text")
+        if encoding == "base64" and body:
+            try:
+                binascii.a2b_base64(body.encode("ascii"))
+            except (binascii.Error, UnicodeEncodeError):
+                raise InvalidMessage("message body is not valid base64") from None
+        elif encoding not in (None, "base64", "utf-8") and encoding not in self.codecs:
+            raise InvalidMessage(f"unknown body encoding {encoding!r}")
+        properties["delivery_tag"] = row.token or f"noack-{row.id}"
+        delivery_info = properties.setdefault("delivery_info", {})
+        if not isinstance(delivery_info, dict):
+            raise InvalidMessage("delivery_info is not a mapping")
+        delivery_info["redelivered"] = row.delivery_count > 1
+        return payload
+
+    def _set_aside(self, queue: str, row: Claimed, exc: InvalidMessage) -> None:
+        logger.error("kombu-pg: message %s in queue %r is not a valid Kombu message (%s); "
+                     "moved to %s.invalid_messages", row.id, queue, exc, self.store.schema)
+        if row.token is not None:
+            self.store.quarantine(row.token, str(exc))
+        else:  # a no-ack claim already removed it: keep it all the same
+            self.store.set_aside(row.id, queue, row.payload, str(exc))
+
+    def deliver_batch(self, queue: str, callback) -> int:
+        """Claim as many messages as the prefetch headroom allows and deliver them."""
+        limit = self.connection.batch_limit(self)
+        if not limit:
+            return 0
+        messages = self.fetch(queue, limit)
+        for message in messages:
+            callback(message, queue)
+        return len(messages)
+
+    def _get_and_deliver_batch(self, queue, callback):
+        if not self.deliver_batch(queue, callback):
+            raise Empty()
+
+    def _reset_cycle(self):
+        self._cycle = FairCycle(self._get_and_deliver_batch, self._active_queues, Empty)
+
+    # -- size, purge, restore -----------------------------------------------------
+
+    def _size(self, queue):
+        return self.store.size(queue)
+
+    def _purge(self, queue):
+        return self.store.purge(queue)
+
+    def _restore(self, message):
+        self.store.requeue([message.delivery_tag])
+
+    def _restore_at_beginning(self, message):
+        self._restore(message)
+
+    def close(self):
+        owned, self._owned_queues = self._owned_queues, set()
+        super().close()
+        for queue in owned:
+            try:
+                self.store.delete_queue(queue)
+            except psycopg.Error:
+                break  # the queue's x-expires, if any, cleans up after us
+
+
+class Transport(virtual.Transport):
+    Channel = Channel
+
+    default_port = 5432
+    driver_type = "postgresql"
+    driver_name = "psycopg"
+    can_parse_url = True
+
+    implements = virtual.Transport.implements.extend(
+        asynchronous=True,
+        exchange_type=frozenset(EXCHANGE_TYPES),
+        heartbeats=False,
+    )
+
+    connection_errors = virtual.Transport.connection_errors + (
+        psycopg.OperationalError,
+        psycopg.InterfaceError,
+    )
+    channel_errors = virtual.Transport.channel_errors
+    recoverable_connection_errors = (psycopg.OperationalError, psycopg.InterfaceError, OSError)
+    recoverable_channel_errors = ()
+
+    def __init__(self, client, **kwargs):
+        self.options = Options.from_mapping(client.transport_options)
+        super().__init__(client, **kwargs)
+        self.polling_interval = self.options.polling_interval
+        self.conninfo = build_conninfo(
+            client.hostname or "postgresql://",
+            user=client.userid,
+            password=client.password,
+            port=client.port,
+            connect_timeout=client.connect_timeout,
+            ssl=client.ssl,
+            extra=self.options.connect_kwargs,
+        )
+        self._pid = os.getpid()
+        self._lock = threading.RLock()
+        self._work: BrokerStore | None = None
+        self._listener: Listener | None = None
+        self._consumer_id: int | None = None
+        self._pending: set[str] = set()
+        self._next_maintenance = 0.0
+        self._hub = None
+        self._timers: list = []
+        self._maintenance: BrokerStore | None = None
+        self._wake_fds: tuple[int, int] | None = None
+        self.debouncer = NotifyDebouncer(self.options.notify_debounce, self._trailing_notify)
+        register_after_fork(self, _after_fork)
+
+    # -- connections ----------------------------------------------------------------
+
+    def work_store(self) -> BrokerStore:
+        """The connection channels share for publish, claim and ack (connects lazily)."""
+        with self._lock:
+            if self._work is None:
+                conn = self._connect()
+                self._migrate(conn)
+                self._work = BrokerStore(conn, self.options.schema)
+            return self._work
+
+    def _connect(self) -> psycopg.Connection:
+        try:
+            return connect(self.conninfo)
+        except psycopg.OperationalError as exc:
+            raise psycopg.OperationalError(
+                f"kombu-pg cannot connect to {redact(self.conninfo)}: {exc}") from exc
+
+    def _migrate(self, conn: psycopg.Connection) -> None:
+        key = (self.conninfo, self.options.schema)
+        if key in _migrated or not self.options.auto_migrate:
+            return
+        with _migrate_lock:
+            apply_migrations(conn, self.options.schema)
+            _migrated.add(key)
+
+    def consumer_id(self) -> int:
+        """This transport's consumer registration, made on its first claim."""
+        with self._lock:
+            if self._consumer_id is None:
+                self._consumer_id = self.work_store().register_consumer()
+            return self._consumer_id
+
+    def listener(self) -> Listener:
+        with self._lock:
+            if self._listener is None:
+                self._listener = Listener(self.conninfo, self.work_store().channel)
+            return self._listener
+
+    def _maintenance_store(self) -> BrokerStore:
+        # Recovery runs in a transaction; the work connection is shared with acking
+        # threads, whose statements must never land inside it.
+        with self._lock:
+            if self._maintenance is None:
+                self._maintenance = BrokerStore(self.listener().conn, self.options.schema)
+            return self._maintenance
+
+    def _wake_pipe(self) -> tuple[int, int]:
+        with self._lock:
+            if self._wake_fds is None:
+                read_fd, write_fd = os.pipe()
+                os.set_blocking(read_fd, False)
+                os.set_blocking(write_fd, False)
+                self._wake_fds = (read_fd, write_fd)
+            return self._wake_fds
+
+    def verify_connection(self, connection) -> bool:
+        work = self._work
+        return work is not None and not work.conn.closed and not work.conn.broken
+
+    def driver_version(self):
+        return psycopg.__version__
+
+    @classmethod
+    def as_uri(cls, uri: str, include_password: bool = False, mask: str = "**") -> str:
+        if include_password:
+            return uri
+        from kombu.utils.url import maybe_sanitize_url
+
+        return maybe_sanitize_url(uri, mask)
+
+    def close_connection(self, connection) -> None:
+        self.unregister_from_event_loop()
+        try:
+            super().close_connection(connection)
+        finally:
+            self.debouncer.cancel()
+            self._release()
+
+    def _release(self) -> None:
+        work, listener, consumer = self._work, self._listener, self._consumer_id
+        wake_fds, self._wake_fds = self._wake_fds, None
+        self._work = self._listener = self._consumer_id = self._maintenance = None
+        if os.getpid() != self._pid:
+            return  # a forked child must not end the parent's sessions
+        if work is not None and consumer is not None and not work.conn.closed:
+            try:
+                work.unregister_consumer(consumer)
+            except psycopg.Error:
+                pass  # the session ends below, recovery frees what it held
+        for conn in (work.conn if work else None, listener.conn if listener else None):
+            if conn is not None:
+                try:
+                    conn.close()
+                except psycopg.Error:
+                    pass
+        for fd in wake_fds or ():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # -- wake-ups ----------------------------------------------------------------------
+
+    def on_consume(self, queue: str) -> None:
+        """A consumer started: LISTEN before the first claim, so no wake-up is missed."""
+        self.listener()
+        self.work_store().touch_queues([queue])
+        self._pending.add(queue)
+
+    def wake(self) -> None:
+        """Prefetch capacity was freed (possibly from another thread): fetch again."""
+        self._pending.update(self._active_queues())
+        try:
+            os.write(self._wake_pipe()[1], b"\0")
+        except OSError:
+            pass  # full (already awake) or closed
+
+    def _drain_wake_pipe(self) -> None:
+        try:
+            while os.read(self._wake_pipe()[0], 512):
+                pass
+        except OSError:
+            pass
+
+    def _trailing_notify(self, queues: set[str]) -> None:
+        if self._work is not None:
+            self._work.notify(queues)
+
+    def _active_queues(self) -> set[str]:
+        return {q for channel in self.channels for q in channel._active_queues}
+
+    def batch_limit(self, channel: Channel) -> int:
+        headroom = channel.qos.can_consume_max_estimate()
+        cap = self.options.claim_batch_max
+        return cap if headroom is None else min(headroom, cap)
+
+    def _fetch_pending(self) -> None:
+        """Deliver from queues with possible work, within each channel's prefetch."""
+        pending = self._pending
+        if not pending:
+            return
+        for channel in list(self.channels):
+            if not channel._consumers:
+                continue
+            for queue in list(channel._active_queues):
+                if queue not in pending:
+                    continue
+                limit = self.batch_limit(channel)
+                if not limit:
+                    break  # full: stays pending until an ack frees capacity
+                if channel.deliver_batch(queue, self._deliver) < limit:
+                    pending.discard(queue)
+        # Queues nobody here consumes any more need no fetch.
+        pending.intersection_update(self._active_queues())
+
+    # -- synchronous path ---------------------------------------------------------------
+
+    def drain_events(self, connection, timeout=None):
+        """Deliver one batch, waiting on LISTEN (not sleeping) until there is one."""
+        deadline = None if timeout is None else monotonic() + timeout
+        while True:
+            self._maybe_maintain()
+            try:
+                self.cycle.get(self._deliver)
+                return
+            except Empty:
+                pass
+            remaining = None if deadline is None else deadline - monotonic()
+            if remaining is not None and remaining <= 0:
+                raise socket.timeout()
+            wait = self.polling_interval if remaining is None else min(remaining, self.polling_interval)
+            wait = min(wait, max(self._next_maintenance - monotonic(), 0.0))
+            if self._listener is not None or self._active_queues():
+                self.listener().wait(wait, also=(self._wake_pipe()[0],))
+                self._drain_wake_pipe()
+            elif wait > 0:
+                # No consumer: nothing can arrive for us, only the deadline matters.
+                threading.Event().wait(wait)
+
+    def _maybe_maintain(self) -> None:
+        if monotonic() >= self._next_maintenance:
+            self.maintain()
+
+    def maintain(self) -> None:
+        """Keep consumed queues alive (x-expires) and run a recovery pass."""
+        self._next_maintenance = monotonic() + self.options.recovery_interval
+        active = sorted(self._active_queues())
+        if not active and self._listener is None:
+            return
+        store = self._maintenance_store()
+        store.touch_queues(active)
+        own = [self._consumer_id] if self._consumer_id is not None else []
+        report = store.recover(own, self.options.visibility_timeout)
+        self._pending.update(report.released)
+        # Notifications that arrived during those statements wait in psycopg's backlog,
+        # where the socket no longer signals them.
+        self._pending.update(self.listener().drain() & set(active))
+
+    # -- event loop (Celery's hub) --------------------------------------------------------
+
+    def register_with_event_loop(self, connection, loop):
+        """Called again after every reconnect and hub reset: re-adds everything."""
+        self.unregister_from_event_loop()
+        self._hub = loop
+        listener = self.listener()
+        loop.add_reader(listener.fileno(), self._on_notify)
+        loop.add_reader(self._wake_pipe()[0], self._on_wake)
+        loop.on_tick.add(self._on_tick)
+        self._timers = [
+            loop.call_repeatedly(self.polling_interval, self._safety_poll),
+            loop.call_repeatedly(self.options.recovery_interval, self.maintain),
+        ]
+        self._pending.update(self._active_queues())
+
+    def unregister_from_event_loop(self, *args) -> None:
+        hub, self._hub = self._hub, None
+        if hub is None:
+            return
+        listener = self._listener
+        if listener is not None and not listener.conn.closed:
+            hub.remove(listener.fileno())
+        if self._wake_fds is not None:
+            hub.remove(self._wake_fds[0])
+        hub.on_tick.discard(self._on_tick)
+        for tref in self._timers:
+            tref.cancel()
+        self._timers = []
+
+    def _on_notify(self) -> None:
+        self._pending.update(self.listener().drain() & self._active_queues())
+        self._fetch_pending()
+
+    def _on_wake(self) -> None:
+        self._drain_wake_pipe()
+        self._fetch_pending()
+
+    def _on_tick(self) -> None:
+        # Runs on every loop iteration: no SQL unless a queue may have work.
+        if self._pending:
+            self._fetch_pending()
+
+    def _safety_poll(self) -> None:
+        self._pending.update(self._active_queues())
+        self._fetch_pending()
+
+
+def _ttl_seconds(message: dict) -> float | None:
+    expiration = message["properties"].get("expiration")
+    if expiration is None:
+        return None
+    try:
+        return max(float(expiration) / 1000.0, 0.0)
+    except (TypeError, ValueError):
+        return None
+
+
+def _after_fork(transport: Transport) -> None:
+    # Drop, never close: closing would end the parent's sessions (shared sockets).
+    transport._work = transport._listener = transport._consumer_id = None
+    transport._maintenance = transport._wake_fds = transport._hub = None
+    transport._timers = []

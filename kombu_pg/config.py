@@ -65,6 +65,9 @@ class Options:
     recovery_interval: float = 2.0
     #: Reclaim messages locked longer than this many seconds even if the owner lives.
     visibility_timeout: float | None = None
+    #: A message delivered this many times is not delivered again (poison); it stays,
+    #: unlocked, for the dead-letter reaper.  None turns the limit off.
+    max_deliveries: int | None = 10
     #: Seconds a producer waits before sending another NOTIFY for the same queue.
     notify_debounce: float = 0.02
     #: Extra keyword arguments for ``psycopg.connect`` (e.g. ``sslrootcert``).
@@ -100,6 +103,9 @@ class Options:
         vt = self.visibility_timeout
         if vt is not None and (not isinstance(vt, (int, float)) or vt <= 0):
             raise ConfigurationError(f"option 'visibility_timeout' must be > 0 or None, got {vt!r}")
+        md = self.max_deliveries
+        if md is not None and (not isinstance(md, int) or isinstance(md, bool) or md < 1):
+            raise ConfigurationError(f"option 'max_deliveries' must be an integer >= 1 or None, got {md!r}")
         if not isinstance(self.auto_migrate, bool):
             raise ConfigurationError("option 'auto_migrate' must be True or False")
         if not isinstance(self.connect_kwargs, Mapping):

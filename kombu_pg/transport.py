@@ -237,10 +237,12 @@ class Channel(virtual.Channel):
         """Claim up to ``limit`` messages of ``queue`` as Kombu payloads, best first."""
         if no_ack is None:
             no_ack = queue in self._noack_queues
+        max_deliveries = self.connection.options.max_deliveries
         if no_ack:
-            rows = self.store.claim_no_ack(queue, limit)
+            rows = self.store.claim_no_ack(queue, limit, max_deliveries=max_deliveries)
         else:
-            rows = self.store.claim(queue, limit, self.connection.consumer_id())
+            rows = self.store.claim(queue, limit, self.connection.consumer_id(),
+                                    max_deliveries=max_deliveries)
         messages = []
         for row in rows:
             try:

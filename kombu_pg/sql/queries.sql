@@ -104,6 +104,8 @@ WITH candidates AS (
     SELECT id FROM {schema}.messages
     WHERE queue = %(queue)s AND lock_token IS NULL AND visible_at IS NULL AND serial_key IS NULL
       AND (expires_at IS NULL OR expires_at > now())
+      -- Poison messages stay, unlocked, for the dead-letter reaper.
+      AND delivery_count < coalesce(%(max_deliveries)s, 2147483647)
     ORDER BY priority DESC, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -121,6 +123,7 @@ WITH candidates AS (
     SELECT id FROM {schema}.messages
     WHERE queue = %(queue)s AND lock_token IS NULL AND visible_at IS NULL AND serial_key IS NULL
       AND (expires_at IS NULL OR expires_at > now())
+      AND delivery_count < coalesce(%(max_deliveries)s, 2147483647)
     ORDER BY priority DESC, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED

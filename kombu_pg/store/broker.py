@@ -184,14 +184,22 @@ class BrokerStore:
         ).fetchall()
         return [r[0] for r in rows]
 
-    def claim(self, queue: str, limit: int, consumer_id: int) -> list[Claimed]:
-        """Lock up to ``limit`` ready messages, returned best first (priority, then age)."""
-        rows = self._exec("claim", dict(queue=queue, limit=limit, consumer=consumer_id)).fetchall()
+    def claim(self, queue: str, limit: int, consumer_id: int, *, max_deliveries: int | None = None) -> list[Claimed]:
+        """Lock up to ``limit`` ready messages, returned best first (priority, then age).
+
+        Messages already delivered ``max_deliveries`` times are skipped (poison).
+        """
+        rows = self._exec(
+            "claim", dict(queue=queue, limit=limit, consumer=consumer_id, max_deliveries=max_deliveries)
+        ).fetchall()
         return _in_claim_order(rows)
 
-    def claim_no_ack(self, queue: str, limit: int) -> list[Claimed]:
+    def claim_no_ack(self, queue: str, limit: int, *, max_deliveries: int | None = None) -> list[Claimed]:
         """Remove and return up to ``limit`` ready messages (for consumers that never ack)."""
-        return _in_claim_order(self._exec("claim_no_ack", dict(queue=queue, limit=limit)).fetchall())
+        rows = self._exec(
+            "claim_no_ack", dict(queue=queue, limit=limit, max_deliveries=max_deliveries)
+        ).fetchall()
+        return _in_claim_order(rows)
 
     def ack(self, tokens: Iterable[str]) -> None:
         """Delete delivered messages; a token that no longer matches is a no-op (fencing)."""

@@ -185,7 +185,7 @@ WITH freed AS (
 ), gone AS (
     DELETE FROM {schema}.consumers WHERE id = %(id)s
 )
-SELECT DISTINCT queue, pg_notify(%(channel)s, queue) FROM freed
+SELECT queue, pg_notify(%(channel)s, queue) FROM (SELECT DISTINCT queue FROM freed) q
 
 -- name: release_consumer_lock
 SELECT pg_advisory_unlock(hashtext(%(namespace)s), %(id)s)

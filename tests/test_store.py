@@ -1,0 +1,209 @@
+"""The SQL store on its own: no Kombu, no Celery, a real PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from kombu_pg.config import ConfigurationError
+from kombu_pg.store import BrokerStore, apply_migrations, connect, current_version, migration_sql
+from kombu_pg.store.migrations import all_migrations
+
+
+@pytest.fixture
+def store(pg_url, schema):
+    conn = connect(pg_url)
+    apply_migrations(conn, schema)
+    yield BrokerStore(conn, schema)
+    conn.close()
+
+
+def test_migrations_are_idempotent(pg_conn, schema):
+    latest = all_migrations()[-1].version
+    assert apply_migrations(pg_conn, schema) == list(range(1, latest + 1))
+    assert apply_migrations(pg_conn, schema) == []
+    assert current_version(pg_conn, schema) == latest
+
+
+def test_twenty_concurrent_migrations_apply_once(pg_url, schema):
+    barrier = threading.Barrier(20)
+    results, errors = [], []
+
+    def migrate():
+        try:
+            with connect(pg_url) as conn:
+                barrier.wait()
+                results.append(apply_migrations(conn, schema))
+        except Exception as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=migrate) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sum(1 for r in results if r) == 1
+
+
+def test_printed_sql_builds_the_same_schema(pg_conn, schema):
+    pg_conn.execute(migration_sql(schema))
+    assert current_version(pg_conn, schema) == all_migrations()[-1].version
+    assert apply_migrations(pg_conn, schema) == []
+
+
+@pytest.mark.parametrize("bad", ["", "1abc", 'x"; DROP TABLE y; --', "a" * 49, "sp ace", None, "é"])
+def test_invalid_schema_is_refused_before_any_sql(pg_conn, bad):
+    with pytest.raises(ConfigurationError):
+        apply_migrations(pg_conn, bad)
+    with pytest.raises(ConfigurationError):
+        BrokerStore(pg_conn, bad)
+
+
+def test_claim_order_is_priority_then_fifo(store):
+    cid = store.register_consumer()
+    for i, prio in enumerate([0, 5, 9, 5, 0]):
+        store.publish("q", f"m{i}", priority=prio)
+    claimed = store.claim("q", 10, cid)
+    assert [c.payload for c in claimed] == ["m2", "m1", "m3", "m0", "m4"]
+    assert all(c.delivery_count == 1 for c in claimed)
+
+
+def test_claim_takes_at_most_limit_and_skips_locked(store):
+    cid = store.register_consumer()
+    for i in range(5):
+        store.publish("q", str(i))
+    first = store.claim("q", 3, cid)
+    second = store.claim("q", 3, cid)
+    assert len(first) == 3 and len(second) == 2
+    assert not {c.id for c in first} & {c.id for c in second}
+    assert store.claim("q", 3, cid) == []
+
+
+def test_requeue_is_in_place_and_late_ack_is_fenced(store):
+    cid = store.register_consumer()
+    store.publish("q", "only")
+    [first] = store.claim("q", 1, cid)
+    assert store.requeue([first.token]) == ["q"]
+    [second] = store.claim("q", 1, cid)
+    assert second.id == first.id and second.delivery_count == 2
+    store.ack([first.token])  # stale token: must not delete the redelivery
+    assert store.conn.execute(
+        sql.SQL("SELECT count(*) FROM {}.messages").format(sql.Identifier(store.schema))
+    ).fetchone()[0] == 1
+    store.ack([second.token])
+    assert store.size("q") == 0 and store.claim("q", 1, cid) == []
+
+
+def test_purge_removes_ready_messages_only(store):
+    cid = store.register_consumer()
+    for i in range(4):
+        store.publish("q", str(i))
+    [held] = store.claim("q", 1, cid)
+    assert store.purge("q") == 3
+    store.requeue([held.token])
+    assert store.size("q") == 1
+
+
+def test_ttl_hides_expired_messages_and_recovery_deletes_them(store):
+    cid = store.register_consumer()
+    store.publish("q", "expired", ttl=0)
+    store.publish("q", "fresh", ttl=60)
+    assert [c.payload for c in store.claim("q", 10, cid)] == ["fresh"]
+    assert store.recover([cid]).expired_messages == 1
+
+
+def test_queue_ttl_applies_to_messages(store):
+    cid = store.register_consumer()
+    store.declare_queue("q", message_ttl_ms=0)
+    store.publish("q", "gone")
+    assert store.claim("q", 1, cid) == []
+
+
+def test_max_deliveries_stops_poison_but_keeps_it(store):
+    cid = store.register_consumer()
+    store.publish("q", "poison")
+    for _ in range(3):
+        [c] = store.claim("q", 1, cid, max_deliveries=3)
+        store.requeue([c.token])
+    assert store.claim("q", 1, cid, max_deliveries=3) == []
+    assert store.size("q") == 1  # still there, unlocked, for the reaper
+    assert len(store.claim("q", 1, cid, max_deliveries=None)) == 1
+
+
+def test_routing_by_exchange_type(store):
+    store.declare_exchange("d", "direct")
+    store.declare_exchange("t", "topic")
+    store.declare_exchange("f", "fanout")
+    store.bind("d", "qd", "key", None, exchange_type="direct")
+    store.bind("t", "qt", "a.*", r"^a\..*?[^\.]$", exchange_type="topic")
+    store.bind("f", "qf1", "", None, exchange_type="fanout")
+    store.bind("f", "qf2", "", None, exchange_type="fanout")
+    assert store.publish_routed("d", "key", "x") == ["qd"]
+    assert store.publish_routed("d", "other", "x") == []
+    assert store.publish_routed("t", "a.b", "x") == ["qt"]
+    assert store.publish_routed("t", "b.a", "x") == []
+    assert sorted(store.publish_routed("f", "anything", "x")) == ["qf1", "qf2"]
+    store.unbind("f", "qf2", "")
+    assert store.publish_routed("f", "", "x") == ["qf1"]
+
+
+def test_recovery_frees_a_terminated_consumers_messages(pg_url, store):
+    victim_conn = connect(pg_url)
+    victim = BrokerStore(victim_conn, store.schema)
+    victim_id = victim.register_consumer()
+    store.publish("q", "held")
+    [held] = victim.claim("q", 1, victim_id)
+    # A live consumer keeps its messages, however old.
+    assert store.recover([]).released == {}
+    store.conn.execute("SELECT pg_terminate_backend(%s)", (victim_conn.info.backend_pid,))
+    with pytest.raises(psycopg.OperationalError):
+        victim_conn.execute("SELECT 1")
+    report = store.recover([])
+    assert report.dead_consumers == [victim_id]
+    assert report.released == {"q": 1}
+    cid = store.register_consumer()
+    [again] = store.claim("q", 1, cid)
+    assert again.id == held.id and again.delivery_count == 2
+
+
+def test_visibility_timeout_reclaims_from_a_live_consumer(store):
+    cid = store.register_consumer()
+    store.publish("q", "stuck")
+    [held] = store.claim("q", 1, cid)
+    assert store.recover([cid], visibility_timeout=3600).released == {}
+    assert store.recover([cid], visibility_timeout=0.000001).released == {"q": 1}
+    store.ack([held.token])  # the hung worker's late ack is a no-op
+    assert store.size("q") == 1
+
+
+def test_clean_unregister_hands_back_everything(store):
+    cid = store.register_consumer()
+    store.publish("q", "a")
+    store.publish("q", "b")
+    store.claim("q", 2, cid)
+    assert store.unregister_consumer(cid) == ["q"]
+    assert store.size("q") == 2
+
+
+def test_notify_reaches_a_listener(pg_url, store):
+    from kombu_pg.store.wakeups import Listener
+
+    listener = Listener(pg_url, store.channel)
+    try:
+        store.publish("some queue", "x")
+        assert listener.wait(5) == {"some queue"}
+        store.publish("q2", "x", notify=False)
+        assert listener.wait(0.05) == set()
+    finally:
+        listener.close()
+
+
+def test_nul_characters_survive(store):
+    cid = store.register_consumer()
+    store.publish("q", '{"argsrepr": "\\u0000"}')
+    [c] = store.claim("q", 1, cid)
+    assert c.payload == '{"argsrepr": "\\u0000"}'

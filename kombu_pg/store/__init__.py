@@ -8,6 +8,7 @@ from .broker import BrokerStore, Claimed, RecoveryReport
 from .connect import connect
 from .migrations import MigrationError, apply_migrations, current_version, migration_sql, pending_migrations
 from .queries import Queries
+from .results import ChordProgress, ResultListener, ResultStore
 
 __all__ = [
     "BrokerStore",

@@ -9,6 +9,7 @@ Celery's event loop when there is one and through ``select`` otherwise.
 
 from __future__ import annotations
 
+import base64
 import binascii
 import logging
 import os
@@ -181,7 +182,11 @@ class Channel(virtual.Channel):
         priority = self._get_message_priority(message)
         ttl = _ttl_seconds(message)
         if not exchange:
-            self._insert(routing_key, payload, priority, ttl)
+            queue = routing_key or self.deadletter_queue
+            if not queue:
+                # AMQP would drop it silently; refusing keeps the message with its sender.
+                raise ValueError("publish to the default exchange needs a routing key (the queue name)")
+            self._insert(queue, payload, priority, ttl)
             return
         queues = self.store.publish_routed(exchange, routing_key, payload, priority=priority, ttl=ttl)
         if not queues and self.deadletter_queue:
@@ -266,8 +271,8 @@ class Channel(virtual.Channel):
             raise InvalidMessage("message body is not text")
         if encoding == "base64" and body:
             try:
-                binascii.a2b_base64(body.encode("ascii"))
-            except (binascii.Error, UnicodeEncodeError):
+                base64.b64decode(body, validate=True)
+            except (binascii.Error, ValueError):
                 raise InvalidMessage("message body is not valid base64") from None
         elif encoding not in (None, "base64", "utf-8") and encoding not in self.codecs:
             raise InvalidMessage(f"unknown body encoding {encoding!r}")

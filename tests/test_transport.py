@@ -1,0 +1,230 @@
+"""The Kombu transport against a real server: delivery, ordering, bad input."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+from psycopg import sql
+
+from kombu_pg.config import ConfigurationError
+from kombu_pg.store import apply_migrations
+from kombu_pg.transport import Transport
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def conn(pg_url, schema):
+    with Connection(pg_url, transport_options={"schema": schema, "polling_interval": 0.5}) as c:
+        c.connect()
+        yield c
+
+
+def drain(conn, count, queue, timeout=10.0, ack=True, **consumer_kw):
+    got = []
+
+    def on_message(body, message):
+        got.append(body)
+        if ack:
+            message.ack()
+
+    deadline = time.monotonic() + timeout
+    with Consumer(conn, [queue], callbacks=[on_message], **consumer_kw):
+        while len(got) < count:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"got {len(got)} of {count}"
+            try:
+                conn.drain_events(timeout=remaining)
+            except socket.timeout:
+                pass
+    return got
+
+
+def table_count(pg_conn, schema, table, where="true"):
+    return pg_conn.execute(
+        sql.SQL("SELECT count(*) FROM {}.{} WHERE " + where).format(sql.Identifier(schema), sql.Identifier(table))
+    ).fetchone()[0]
+
+
+def test_aliases_are_registered():
+    from kombu.transport import resolve_transport
+
+    assert resolve_transport("postgresql") is Transport
+    assert resolve_transport("postgres") is Transport
+    assert Connection("postgres://u@h/db").transport_cls in ("postgres", "postgresql")
+
+
+def test_celery_feature_gates():
+    assert Transport.driver_type == "postgresql"
+    assert Transport.implements.asynchronous
+    assert {"direct", "topic", "fanout"} <= set(Transport.implements.exchange_type)
+    assert psycopg.OperationalError in Transport.connection_errors
+
+
+def test_priority_order_and_fifo_within_priority(conn):
+    queue = Queue("prio", Exchange("prio", "direct"), "prio")
+    producer = Producer(conn.default_channel)
+    for i, prio in enumerate([1, 5, 9, 5, 1, 0]):
+        producer.publish({"n": i}, exchange=queue.exchange, routing_key="prio", priority=prio, declare=[queue])
+    got = drain(conn, 6, queue)
+    assert [m["n"] for m in got] == [2, 1, 3, 0, 4, 5]
+
+
+def test_requeue_redelivers_in_place_marked_redelivered(conn, pg_conn, schema):
+    simple = conn.SimpleQueue("rq")
+    simple.put("x")
+    first = simple.get(timeout=5)
+    assert not first.delivery_info["redelivered"]
+    first.requeue()
+    second = simple.get(timeout=5)
+    assert second.payload == "x" and second.delivery_info["redelivered"]
+    assert table_count(pg_conn, schema, "messages") == 1  # no copy was made
+    second.ack()
+    assert table_count(pg_conn, schema, "messages") == 0
+    simple.close()
+
+
+def test_reject_without_requeue_deletes(conn, pg_conn, schema):
+    simple = conn.SimpleQueue("rj")
+    simple.put("x")
+    simple.get(timeout=5).reject(requeue=False)
+    assert table_count(pg_conn, schema, "messages") == 0
+    simple.close()
+
+
+def test_purge_and_size(conn):
+    channel = conn.default_channel
+    queue = Queue("pq")(channel)
+    queue.declare()
+    producer = Producer(channel)
+    for i in range(5):
+        producer.publish(i, routing_key="pq")
+    assert queue.queue_declare(passive=True).message_count == 5
+    assert queue.purge() == 5
+    assert queue.queue_declare(passive=True).message_count == 0
+
+
+def test_unacked_messages_return_when_the_channel_closes(pg_url, schema, pg_conn):
+    options = {"schema": schema}
+    with Connection(pg_url, transport_options=options) as c1:
+        Producer(c1.default_channel).publish("m", routing_key="back", declare=[Queue("back")])
+        assert drain(c1, 1, Queue("back"), ack=False) == ["m"]
+        assert table_count(pg_conn, schema, "messages", "lock_token IS NOT NULL") == 1
+    assert table_count(pg_conn, schema, "messages", "lock_token IS NULL") == 1
+
+
+def test_exactly_once_with_producer_threads_and_consumer_processes(pg_url, schema, pg_conn):
+    apply_migrations(pg_conn, schema)
+    pg_conn.execute(sql.SQL("CREATE TABLE {}.received (body text, pid int)").format(sql.Identifier(schema)))
+    consumers = [
+        subprocess.Popen([sys.executable, str(HERE / "consumer_proc.py"), pg_url, schema, "eo", str(prefetch)],
+                         stdout=subprocess.PIPE, text=True)
+        for prefetch in (1, 10, 50)
+    ]
+    try:
+        for proc in consumers:
+            assert proc.stdout.readline().strip() == "consuming"
+        per_thread, threads = 300, 4
+
+        def produce(t):
+            with Connection(pg_url, transport_options={"schema": schema}) as c:
+                producer = Producer(c.default_channel)
+                for i in range(per_thread):
+                    producer.publish(f"{t}-{i}", routing_key="eo")
+
+        workers = [threading.Thread(target=produce, args=(t,)) for t in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        total = per_thread * threads
+        deadline = time.monotonic() + 60
+        while table_count(pg_conn, schema, "received") < total:
+            assert time.monotonic() < deadline, "not every message was delivered"
+            time.sleep(0.1)
+    finally:
+        for proc in consumers:
+            proc.send_signal(signal.SIGTERM)
+        for proc in consumers:
+            assert proc.wait(30) == 0
+    rows = pg_conn.execute(sql.SQL("SELECT body, pid FROM {}.received").format(sql.Identifier(schema))).fetchall()
+    bodies = [r[0] for r in rows]
+    assert len(bodies) == total and len(set(bodies)) == total
+    assert len({r[1] for r in rows}) > 1  # the work was actually shared
+    assert table_count(pg_conn, schema, "messages") == 0
+
+
+def test_idle_consumer_wakes_on_notify_not_on_poll(pg_url, schema):
+    """With a 30 s safety poll, only NOTIFY can deliver within the drain timeout."""
+    options = {"schema": schema, "polling_interval": 30.0}
+    with Connection(pg_url, transport_options=options) as consumer_conn, \
+            Connection(pg_url, transport_options=options) as producer_conn:
+        queue = Queue("wake")
+        got = []
+        with Consumer(consumer_conn, [queue], callbacks=[lambda body, msg: (got.append(body), msg.ack())]):
+            threading.Timer(0.2, lambda: Producer(producer_conn.default_channel).publish(
+                "hello", routing_key="wake")).start()
+            consumer_conn.drain_events(timeout=10)
+        assert got == ["hello"]
+
+
+def test_publish_without_exchange_or_routing_key_is_refused(conn, pg_conn, schema):
+    with pytest.raises(ValueError, match="routing key"):
+        Producer(conn.default_channel).publish("lost?", routing_key="")
+    assert table_count(pg_conn, schema, "messages") == 0
+
+
+def test_invalid_rows_are_set_aside_and_the_consumer_goes_on(conn, pg_conn, schema):
+    producer = Producer(conn.default_channel)
+    producer.publish("before", routing_key="bad", declare=[Queue("bad")])
+    insert = sql.SQL("INSERT INTO {}.messages (queue, payload) VALUES ('bad', %s)").format(sql.Identifier(schema))
+    for junk in ("not json", "[1, 2]", '{"properties": 5}', '{"body": "%%%", "properties": {"body_encoding": "base64"}}'):
+        pg_conn.execute(insert, (junk,))
+    producer.publish("after", routing_key="bad")
+    assert sorted(drain(conn, 2, Queue("bad"))) == ["after", "before"]
+    assert table_count(pg_conn, schema, "invalid_messages") == 4
+    assert table_count(pg_conn, schema, "messages") == 0
+
+
+def test_wrong_port_fails_fast_with_a_connection_error():
+    started = time.monotonic()
+    with pytest.raises(Transport.connection_errors) as info:
+        Connection("postgresql://postgres@127.0.0.1:1/nothing", connect_timeout=2).connect()
+    assert "127.0.0.1" in str(info.value)
+    assert time.monotonic() - started < 15
+
+
+@pytest.mark.parametrize("bad", ["bad;name", "x" * 60, "", 'q"uote'])
+def test_invalid_schema_is_refused_before_connecting(bad):
+    # The port is closed: reaching the network would give a connection error instead.
+    with pytest.raises(ConfigurationError, match="schema"):
+        Connection("postgresql://postgres@127.0.0.1:1/x", transport_options={"schema": bad}).connect()
+
+
+def test_unknown_transport_option_is_reported():
+    with pytest.raises(ConfigurationError, match="visiblity_timeout"):
+        Connection("postgresql://postgres@127.0.0.1:1/x", transport_options={"visiblity_timeout": 5}).connect()
+
+
+def test_libpq_url_parameters_and_separate_credentials_are_merged(pg_url, schema):
+    # A user given separately fills in what the URL leaves out; query parameters pass through.
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(pg_url)
+    user = parts.username or "postgres"
+    host = parts.netloc.rsplit("@", 1)[-1]
+    query = "&".join(filter(None, [parts.query, "application_name=kombu_pg_test", "connect_timeout=5"]))
+    url = f"{parts.scheme}://{host}{parts.path}?{query}"
+    with Connection(url, userid=user, transport_options={"schema": schema}) as c:
+        store = c.default_channel.store
+        assert store.conn.info.user == user
+        assert store.conn.execute("SHOW application_name").fetchone()[0] == "kombu_pg_test"

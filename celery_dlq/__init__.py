@@ -1,0 +1,1 @@
+"""celery_dlq: a dead-letter queue for Celery on PostgreSQL."""

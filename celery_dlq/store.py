@@ -1,0 +1,322 @@
+"""The DLQ tables in PostgreSQL: capture, reaping, listing, requeue, delete, stats.
+
+Pure SQL over psycopg 3 (queries in ``kombu_pg/sql/dlq.sql``); nothing here imports
+Celery or Kombu, so it is tested on its own against a real server.  The connection
+must be in autocommit mode: every method is one statement (one round trip) unless it
+says it opens a transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Iterable, Mapping, Sequence
+
+import psycopg
+
+from kombu_pg.store import BrokerStore, Queries
+
+logger = logging.getLogger(__name__)
+
+REASONS = ("non_retryable", "retries_exhausted", "max_deliveries", "rejected", "manual")
+STATUSES = ("dead", "requeued", "resolved")
+QUEUE_KINDS = ("parallel", "serial")
+#: The header linking a requeued message to its DLQ row.
+DLQ_ID_HEADER = "dlq_id"
+#: Filters accepted by list/count/bulk operations; anything else is refused.
+FILTER_KEYS = frozenset({"task", "queue", "reason", "exception", "status", "since", "until", "ids"})
+MAX_PAGE = 1000
+
+
+class DLQError(Exception):
+    """Base class of celery_dlq errors."""
+
+
+class NotFound(DLQError):
+    """No DLQ row has this id."""
+
+
+class UsageError(DLQError):
+    """A request that is ambiguous or malformed (unknown filter, bulk without filter)."""
+
+
+@dataclass
+class Entry:
+    """One failure to record (what a signal handler or the backstop sweep captured)."""
+
+    message: str
+    reason: str
+    source: str
+    task_id: str | None = None
+    task_name: str | None = None
+    queue: str | None = None
+    exchange: str | None = None
+    routing_key: str | None = None
+    priority: int = 0
+    serial_key: str | None = None
+    exception_type: str | None = None
+    exception_message: str | None = None
+    traceback: str | None = None
+    retries: int = 0
+    worker: str | None = None
+
+    def params(self) -> dict:
+        if self.reason not in REASONS:
+            raise UsageError(f"unknown reason {self.reason!r}; use one of {', '.join(REASONS)}")
+        return {
+            "task_id": self.task_id, "task_name": self.task_name, "queue": self.queue,
+            "exchange": self.exchange, "routing_key": self.routing_key,
+            "priority": int(self.priority or 0), "serial_key": self.serial_key,
+            "reason": self.reason, "exception_type": self.exception_type,
+            "exception_message": _clip(self.exception_message, 10_000),
+            "traceback": _clip(self.traceback, 100_000), "message": self.message,
+            "retries": int(self.retries or 0), "source": self.source, "worker": self.worker,
+        }
+
+
+@dataclass
+class Page:
+    rows: list[dict]
+    total: int
+    next_cursor: int | None
+
+
+@dataclass
+class RequeueResult:
+    id: int
+    requeued: bool
+    detail: str
+    queues: list[str] = field(default_factory=list)
+
+
+_LIST_COLUMNS = (
+    "id", "task_id", "task_name", "queue", "reason", "exception_type", "exception_message",
+    "status", "retries", "failure_count", "delivery_count", "source", "first_failed_at",
+    "last_failed_at", "requeue_count",
+)
+_GET_COLUMNS = (
+    "id", "task_id", "task_name", "queue", "exchange", "routing_key", "priority", "serial_key",
+    "reason", "exception_type", "exception_message", "traceback", "message", "retries",
+    "delivery_count", "failure_count", "status", "notes", "source", "broker_message_id",
+    "worker", "first_failed_at", "last_failed_at", "requeue_count", "requeued_at", "resolved_at",
+)
+
+
+def _clip(text: str | None, limit: int) -> str | None:
+    if text is None:
+        return None
+    return text if len(text) <= limit else text[: limit - 20] + "... [truncated]"
+
+
+def check_filters(filters: Mapping[str, Any] | None) -> dict:
+    """Validate filter names and values; return the bound parameters (absent ones None)."""
+    filters = dict(filters or {})
+    unknown = sorted(set(filters) - FILTER_KEYS)
+    if unknown:
+        raise UsageError(f"unknown filter(s) {', '.join(unknown)}; known: {', '.join(sorted(FILTER_KEYS))}")
+    params = {key: None for key in FILTER_KEYS}
+    for key, value in filters.items():
+        if value is None or value == "" or value == ():
+            continue
+        if key == "reason" and value not in REASONS:
+            raise UsageError(f"unknown reason {value!r}; use one of {', '.join(REASONS)}")
+        if key == "status" and value not in STATUSES:
+            raise UsageError(f"unknown status {value!r}; use one of {', '.join(STATUSES)}")
+        if key in ("since", "until") and not isinstance(value, datetime):
+            raise UsageError(f"filter {key!r} must be a datetime")
+        if key == "ids":
+            value = [int(v) for v in value]
+        params[key] = value
+    return params
+
+
+def has_filter(params: Mapping[str, Any]) -> bool:
+    return any(params.get(key) is not None for key in FILTER_KEYS)
+
+
+class DLQStore:
+    """DLQ SQL bound to one autocommit connection and one schema."""
+
+    def __init__(self, conn: psycopg.Connection, schema: str) -> None:
+        self.conn = conn
+        self.schema = schema
+        self.q = Queries(schema, "dlq.sql")
+
+    def _exec(self, name: str, params: Mapping[str, Any] | None = None) -> psycopg.Cursor:
+        return self.conn.execute(self.q[name], params)
+
+    # -- capture ----------------------------------------------------------------------
+
+    def capture(self, entry: Entry) -> tuple[int, int]:
+        """Record a failure; return (row id, failure_count).  Same task id: same row."""
+        row = self._exec("capture", entry.params()).fetchone()
+        return row[0], row[1]
+
+    def capture_if_absent(self, entry: Entry) -> int | None:
+        """Record a failure unless its task id is already in the DLQ (or was deleted)."""
+        row = self._exec("capture_if_absent", entry.params()).fetchone()
+        return row[0] if row else None
+
+    # -- reaping -------------------------------------------------------------------------
+
+    def reap_batch(self, max_deliveries: int, limit: int = 500, queues: Sequence[str] | None = None) -> list[int]:
+        """One statement: move up to ``limit`` exhausted, unlocked messages; return DLQ ids."""
+        if max_deliveries < 1:
+            raise UsageError("max_deliveries must be >= 1")
+        rows = self._exec(
+            "reap",
+            {"max_deliveries": max_deliveries, "limit": limit, "queues": list(queues) if queues else None},
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def reap(self, max_deliveries: int, batch_size: int = 500, queues: Sequence[str] | None = None,
+             max_batches: int | None = None) -> int:
+        """Drain in bounded batches until no candidate is left; return how many moved.
+
+        Safe on many hosts at once: rows another reaper (or a claim) holds are skipped,
+        and a batch that found only such rows ends the loop.
+        """
+        moved = batches = 0
+        while max_batches is None or batches < max_batches:
+            ids = self.reap_batch(max_deliveries, batch_size, queues)
+            batches += 1
+            moved += len(ids)
+            if not ids:
+                break
+        return moved
+
+    def count_exhausted(self, max_deliveries: int) -> int:
+        return self._exec("count_exhausted", {"max_deliveries": max_deliveries}).fetchone()[0]
+
+    # -- backstop sweep ---------------------------------------------------------------------
+
+    def has_results_table(self) -> bool:
+        return bool(self._exec("results_table_exists", {"schema": self.schema}).fetchone()[0])
+
+    def backstop_candidates(self, window_seconds: float, limit: int = 500,
+                            excluded_tasks: Sequence[str] = ()) -> list[tuple]:
+        """FAILURE results with no DLQ row (the result backend's table, same schema)."""
+        return self._exec(
+            "backstop_candidates",
+            {"window": window_seconds, "limit": limit, "excluded": list(excluded_tasks)},
+        ).fetchall()
+
+    def forget_tombstones(self, window_seconds: float) -> int:
+        return self._exec("forget_tombstones", {"window": window_seconds}).rowcount
+
+    # -- inspecting -----------------------------------------------------------------------
+
+    def list(self, filters: Mapping[str, Any] | None = None, *, limit: int = 50,
+             cursor: int | None = None) -> Page:
+        """A page (newest first) and the total matching the same filters."""
+        params = check_filters(filters)
+        limit = max(1, min(int(limit), MAX_PAGE))
+        rows = self._exec("list", {**params, "limit": limit, "cursor": cursor}).fetchall()
+        total = self._exec("count", params).fetchone()[0]
+        out = [dict(zip(_LIST_COLUMNS, r)) for r in rows]
+        next_cursor = out[-1]["id"] if len(out) == limit else None
+        return Page(out, total, next_cursor)
+
+    def count(self, filters: Mapping[str, Any] | None = None) -> int:
+        return self._exec("count", check_filters(filters)).fetchone()[0]
+
+    def matching_ids(self, filters: Mapping[str, Any], limit: int = 100_000) -> list[int]:
+        params = check_filters(filters)
+        if not has_filter(params):
+            raise UsageError("a bulk operation needs explicit ids or at least one filter")
+        return [r[0] for r in self._exec("matching_ids", {**params, "limit": limit})]
+
+    def get(self, dlq_id: int) -> dict:
+        row = self._exec("get", {"id": dlq_id}).fetchone()
+        if row is None:
+            raise NotFound(f"no DLQ entry with id {dlq_id}")
+        return dict(zip(_GET_COLUMNS, row))
+
+    def stats(self) -> dict:
+        total, failures, dead, requeued, resolved, oldest, newest, oldest_dead = self._exec(
+            "stats_totals").fetchone()
+        return {
+            "total": total, "failures": int(failures), "dead": dead, "requeued": requeued,
+            "resolved": resolved, "oldest": oldest, "newest": newest, "oldest_dead": oldest_dead,
+            "by_task": {t: {"entries": n, "failures": int(f)} for t, n, f in self._exec("stats_by_task")},
+            "by_reason": {r: {"entries": n, "failures": int(f)} for r, n, f in self._exec("stats_by_reason")},
+        }
+
+    # -- changing ---------------------------------------------------------------------------
+
+    def delete(self, ids: Iterable[int]) -> list[int]:
+        """Delete rows in one round trip; return the ids that existed."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            return []
+        return sorted(r[0] for r in self._exec("delete", {"ids": ids}))
+
+    def add_note(self, dlq_id: int, note: str) -> None:
+        if self._exec("add_note", {"id": dlq_id, "note": note}).fetchone() is None:
+            raise NotFound(f"no DLQ entry with id {dlq_id}")
+
+    def resolve(self, dlq_id: int | None, task_id: str | None) -> int | None:
+        """A requeued message succeeded: mark its row resolved (no-op otherwise)."""
+        row = self._exec("resolve", {"id": dlq_id, "task_id": task_id}).fetchone()
+        return row[0] if row else None
+
+    def mark_requeued(self, dlq_id: int, note: str | None = None) -> None:
+        self._exec("mark_requeued", {"id": dlq_id, "note": note})
+
+    def lock_for_requeue(self, dlq_id: int) -> dict | None:
+        row = self._exec("lock_for_requeue", {"id": dlq_id}).fetchone()
+        if row is None:
+            return None
+        return dict(zip(("id", "task_id", "task_name", "queue", "exchange", "routing_key", "priority",
+                         "serial_key", "message", "status", "source"), row))
+
+    def requeue_to_broker(self, dlq_id: int, *, note: str | None = None, force: bool = False) -> RequeueResult:
+        """Requeue onto the kombu-pg broker in the same database, in ONE transaction.
+
+        The row is locked first, so two concurrent requeues of one row enqueue once.  The
+        message is the stored Kombu message unchanged except for the ``dlq_id`` header
+        linking it to this row; it goes back to its original queue (reaped rows) or is
+        routed by its original exchange and routing key.
+        """
+        broker = BrokerStore(self.conn, self.schema)
+        with self.conn.transaction():
+            row = self.lock_for_requeue(dlq_id)
+            if row is None:
+                raise NotFound(f"no DLQ entry with id {dlq_id}")
+            if row["status"] != "dead" and not force:
+                return RequeueResult(dlq_id, False, f"already {row['status']}")
+            payload = relink(row["message"], dlq_id)
+            queues: list[str] = []
+            if row["source"] != "reaper" and row["exchange"]:
+                queues = broker.publish_routed(
+                    row["exchange"], row["routing_key"] or "", payload,
+                    priority=row["priority"] or 0, serial_key=row["serial_key"])
+            if not queues:
+                target = row["queue"] or row["routing_key"]
+                if not target:
+                    raise DLQError(f"DLQ entry {dlq_id} has no queue to requeue to")
+                broker.publish(target, payload, priority=row["priority"] or 0,
+                               serial_key=row["serial_key"])
+                queues = [target]
+            self.mark_requeued(dlq_id, note)
+        return RequeueResult(dlq_id, True, "requeued", queues)
+
+    # -- metrics -------------------------------------------------------------------------------
+
+    def metrics_size(self) -> list[tuple]:
+        return self._exec("metrics_size").fetchall()
+
+    def metrics_added(self) -> list[tuple]:
+        return self._exec("metrics_added").fetchall()
+
+
+def relink(message: str, dlq_id: int) -> str:
+    """The stored message, unchanged but for the ``dlq_id`` header that links it to its row."""
+    doc = json.loads(message)
+    headers = doc.get("headers")
+    if not isinstance(headers, dict):
+        headers = doc["headers"] = {}
+    headers[DLQ_ID_HEADER] = dlq_id
+    return json.dumps(doc)

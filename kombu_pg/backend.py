@@ -516,13 +516,16 @@ class PostgresBackend(BaseBackend):
         """
         self.ensure_chords_allowed()
         group_id = bytes_to_str(header_result_args[0])
-        header = None
+        header = task_ids = None
+        # A generator header is not consumed here: its values arrive in header order
+        # as far as group_index tells.
         if not isinstance(header_result_args[1], _regen):
             header_result = self.app.GroupResult(*header_result_args)
+            task_ids = [bytes_to_str(r.id) for r in header_result.results]
             if any(isinstance(r, GroupResult) for r in header_result.results):
                 header = self._encode_bytes({"result": header_result.as_tuple()})
         self._run(lambda store: store.chord_start(
-            group_id, header=header, content_type=self.content_type,
+            group_id, task_ids=task_ids, header=header, content_type=self.content_type,
             content_encoding=self.content_encoding, expires=self.chord_expires,
         ))
 

@@ -95,11 +95,13 @@ DELETE FROM {schema}.groups WHERE group_id = %(group_id)s
 WITH gone AS (
     DELETE FROM {schema}.chord_parts WHERE group_id = %(group_id)s
 )
-INSERT INTO {schema}.chords AS c (group_id, header, content_type, content_encoding, expires_at)
-VALUES (%(group_id)s, %(header)s, %(content_type)s, %(content_encoding)s,
+INSERT INTO {schema}.chords AS c (
+    group_id, task_ids, header, content_type, content_encoding, expires_at)
+VALUES (%(group_id)s, %(task_ids)s::text[], %(header)s, %(content_type)s, %(content_encoding)s,
         now() + make_interval(secs => %(expires)s))
 ON CONFLICT (group_id) DO UPDATE SET
     size = NULL, done = 0, fired_by = NULL, fired_at = NULL,
+    task_ids = EXCLUDED.task_ids,
     header = EXCLUDED.header,
     content_type = EXCLUDED.content_type,
     content_encoding = EXCLUDED.content_encoding,
@@ -115,6 +117,7 @@ ON CONFLICT (group_id) DO UPDATE SET
     size = EXCLUDED.size,
     done = CASE WHEN c.fired_by IS NULL THEN c.done ELSE 0 END,
     header = CASE WHEN c.fired_by IS NULL THEN c.header END,
+    task_ids = CASE WHEN c.fired_by IS NULL THEN c.task_ids END,
     fired_by = NULL,
     fired_at = NULL,
     expires_at = EXCLUDED.expires_at
@@ -162,11 +165,18 @@ RETURNING c.done, c.size, COALESCE(c.fired_by = %(token)s::uuid, false) AS claim
 SELECT header, content_type, content_encoding FROM {schema}.chords WHERE group_id = %(group_id)s
 
 -- name: chord_parts
--- The header's values in header order (parts without a known position last).
-SELECT task_id, state, content_type, content_encoding, result
-FROM {schema}.chord_parts
-WHERE group_id = %(group_id)s
-ORDER BY group_index, id
+-- The returned header values in header order: the position of the task id in the
+-- header saved by chord_start, then group_index, then arrival.
+WITH header AS (
+    SELECT h.task_id, min(h.pos) AS pos
+    FROM {schema}.chords c, unnest(c.task_ids) WITH ORDINALITY AS h (task_id, pos)
+    WHERE c.group_id = %(group_id)s
+    GROUP BY h.task_id
+)
+SELECT p.task_id, p.state, p.content_type, p.content_encoding, p.result
+FROM {schema}.chord_parts p LEFT JOIN header ON header.task_id = p.task_id
+WHERE p.group_id = %(group_id)s
+ORDER BY header.pos NULLS LAST, p.group_index, p.id
 
 -- name: chord_finish
 -- The body was sent (or failed): drop the parts, keep the chord row as a marker so a
@@ -175,7 +185,7 @@ WITH gone AS (
     DELETE FROM {schema}.chord_parts WHERE group_id = %(group_id)s
 )
 UPDATE {schema}.chords
-SET header = NULL, expires_at = now() + make_interval(secs => %(expires)s)
+SET header = NULL, task_ids = NULL, expires_at = now() + make_interval(secs => %(expires)s)
 WHERE group_id = %(group_id)s
 
 -- name: cleanup_results

@@ -159,13 +159,19 @@ class ResultStore:
     # -- chords ----------------------------------------------------------------------
 
     def chord_start(
-        self, group_id: str, *, header: bytes | None = None, content_type: str | None = None,
-        content_encoding: str | None = None, expires: float | None = None,
+        self, group_id: str, *, task_ids: Sequence[str] | None = None, header: bytes | None = None,
+        content_type: str | None = None, content_encoding: str | None = None,
+        expires: float | None = None,
     ) -> None:
-        """A chord run begins (before its header is sent): reset any earlier run."""
+        """A chord run begins (before its header is sent): reset any earlier run.
+
+        ``task_ids`` (the header's ids in order) fixes the order of the body's values;
+        ``header`` is a serialized header with nested groups, joined instead of the parts.
+        """
         self._exec(
             "chord_start",
-            dict(group_id=group_id, header=header, content_type=content_type,
+            dict(group_id=group_id, task_ids=None if task_ids is None else list(task_ids),
+                 header=header, content_type=content_type,
                  content_encoding=content_encoding, expires=expires),
         )
 

@@ -57,6 +57,8 @@ CREATE TABLE {schema}.chords (
     group_id         text PRIMARY KEY,
     size             integer,
     done             integer NOT NULL DEFAULT 0,
+    -- The header's task ids in header order: the body gets the values in this order.
+    task_ids         text[],
     -- A header holding nested groups is saved so the body gets the nested structure.
     header           bytea,
     content_type     text,

@@ -1,0 +1,171 @@
+"""Result backend end to end: a real ``celery worker -P threads -c 4`` subprocess with
+kombu-pg as broker *and* result backend, driving every canvas primitive.
+
+One worker serves the whole module (in its own schema) to keep the suite fast.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import psycopg
+import pytest
+from celery import Celery, chain, chord, group, states
+from celery.canvas import chunks, xmap, xstarmap
+from celery.exceptions import ChordError
+from celery.result import GroupResult
+from psycopg import sql
+
+from kombu_pg.backend import PostgresBackend
+
+from .worker import CeleryWorker
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT = 30
+
+
+@pytest.fixture(scope="module")
+def canvas_schema(pg_url):
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield name
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="module")
+def worker(pg_url, canvas_schema):
+    env = {"KOMBU_PG_URL": pg_url, "KOMBU_PG_SCHEMA": canvas_schema}
+    w = CeleryWorker("backend_app", env, pool="threads", concurrency=4, hostname="canvas@%h")
+    try:
+        w.wait_ready()
+        yield w
+    finally:
+        w.stop()
+
+
+@pytest.fixture(scope="module")
+def client(pg_url, canvas_schema, worker):
+    app = Celery("client", broker=pg_url, backend=pg_url, set_as_current=False)
+    app.conf.broker_transport_options = {"schema": canvas_schema}
+    app.conf.result_backend_transport_options = {"schema": canvas_schema}
+    app.conf.result_extended = True
+    yield app
+    if isinstance(app._backend, PostgresBackend):
+        app._backend.close()
+    app.close()
+
+
+def s(client, name, *args, **options):
+    return client.signature(f"backend_app.{name}", args=args, **options)
+
+
+def test_single_task_result_and_extended_fields(client, worker):
+    res = s(client, "add", 2, 3).apply_async(queue="celery")
+    assert res.get(timeout=TIMEOUT) == 5
+    assert res.state == states.SUCCESS
+    assert res.name == "backend_app.add"
+    assert list(res.args) == [2, 3] and res.kwargs == {}
+    assert res.worker.startswith("canvas@")
+    assert res.queue == "celery" and res.retries == 0
+    meta = client.backend.get_task_meta(res.id)
+    assert meta["date_started"] is not None and meta["date_started"] <= res.date_done
+
+
+def test_task_failure_comes_back_with_type_and_traceback(client):
+    res = s(client, "fail", "on purpose").delay()
+    with pytest.raises(Exception) as info:
+        res.get(timeout=TIMEOUT)
+    assert type(info.value).__name__ == "TaskFailed"
+    assert "on purpose" in str(info.value)
+    assert res.state == states.FAILURE
+    assert "TaskFailed" in res.traceback
+
+
+def test_binary_result_over_a_megabyte(client):
+    res = s(client, "blob", 2 * 1024 * 1024).delay()
+    assert res.get(timeout=TIMEOUT) == b"\xab" * (2 * 1024 * 1024)
+
+
+def test_chain(client):
+    res = chain(s(client, "add", 2, 2), s(client, "mul", 4), s(client, "add", 1)).apply_async()
+    assert res.get(timeout=TIMEOUT) == 17
+    assert res.parent.get(timeout=TIMEOUT) == 16
+
+
+def test_group_get_and_save_restore(client):
+    res = group(s(client, "add", i, i) for i in range(10)).apply_async()
+    assert res.get(timeout=TIMEOUT) == [2 * i for i in range(10)]
+    res.save()
+    restored = GroupResult.restore(res.id, app=client)
+    assert restored.get(timeout=TIMEOUT) == [2 * i for i in range(10)]
+    restored.delete()
+    assert GroupResult.restore(res.id, app=client) is None
+
+
+def test_chord_uses_the_counter_not_chord_unlock(client, worker):
+    res = chord((s(client, "add", i, i) for i in range(8)), s(client, "xsum")).apply_async()
+    assert res.get(timeout=TIMEOUT) == sum(2 * i for i in range(8))
+    assert not any("celery.chord_unlock" in line for line in worker.lines)
+
+
+def test_chord_of_chords(client):
+    inner1 = chord([s(client, "add", 1, 1), s(client, "add", 2, 2)], s(client, "xsum"))
+    inner2 = chord([s(client, "add", 3, 3)], s(client, "xsum"))
+    res = chord([inner1, inner2], s(client, "xsum")).apply_async()
+    assert res.get(timeout=TIMEOUT) == 12
+
+
+def test_chord_with_a_nested_group_in_the_header(client):
+    # Celery unrolls a group inside a chord header (reversing it: deque.extendleft), so
+    # the body gets flat values in the header's frozen order.
+    header = [group(s(client, "add", 1, 1), s(client, "add", 2, 2)), s(client, "add", 3, 3)]
+    res = chord(header, s(client, "identity")).apply_async()
+    value = res.get(timeout=TIMEOUT)
+    assert value == [r.get(timeout=TIMEOUT) for r in res.parent.results]
+    assert sorted(value) == [2, 4, 6]
+
+
+def test_chord_whose_header_ends_in_a_group_keeps_the_structure(client):
+    # A chain ending in a group is a GroupResult in the header: saved and joined.
+    header = [chain(s(client, "add", 1, 1), group(s(client, "double"), s(client, "double"))),
+              s(client, "add", 3, 3)]
+    res = chord(header, s(client, "identity")).apply_async()
+    assert res.get(timeout=TIMEOUT) == [[4, 4], 6]
+
+
+def test_chain_of_groups(client):
+    res = chain(
+        group(s(client, "add", 1, 1), s(client, "add", 2, 2)),
+        group(s(client, "xsum"), s(client, "xsum")),
+    ).apply_async()
+    assert res.get(timeout=TIMEOUT) == [6, 6]
+
+
+def test_group_then_task_in_a_chain(client):
+    res = (group(s(client, "double", i) for i in range(5)) | s(client, "xsum") | s(client, "add", 100)).apply_async()
+    assert res.get(timeout=TIMEOUT) == 120
+
+
+def test_map_starmap_and_chunks(client):
+    assert xmap(s(client, "double"), [1, 2, 3], app=client).apply_async().get(timeout=TIMEOUT) == [2, 4, 6]
+    assert xstarmap(s(client, "add"), [(1, 2), (3, 4)], app=client).apply_async().get(timeout=TIMEOUT) == [3, 7]
+    res = chunks(s(client, "add"), [(i, i) for i in range(10)], 3, app=client).apply_async()
+    assert res.get(timeout=TIMEOUT) == [[0, 2, 4], [6, 8, 10], [12, 14, 16], [18]]
+
+
+def test_error_in_chord_header_fails_the_body_with_chord_error(client):
+    res = chord([s(client, "add", 1, 1), s(client, "fail", "header broke"), s(client, "add", 2, 2)],
+                s(client, "xsum")).apply_async()
+    with pytest.raises(ChordError) as info:
+        res.get(timeout=TIMEOUT)
+    assert "header broke" in str(info.value)
+    assert res.state == states.FAILURE
+
+
+def test_many_concurrent_results(client):
+    results = [s(client, "add", i, 1).delay() for i in range(60)]
+    started = time.monotonic()
+    assert [r.get(timeout=TIMEOUT) for r in results] == [i + 1 for i in range(60)]
+    assert time.monotonic() - started < TIMEOUT

@@ -158,10 +158,13 @@ def test_map_starmap_and_chunks(client):
 def test_error_in_chord_header_fails_the_body_with_chord_error(client):
     res = chord([s(client, "add", 1, 1), s(client, "fail", "header broke"), s(client, "add", 2, 2)],
                 s(client, "xsum")).apply_async()
+    # Read the body's own result: res.get() would re-raise the header's error first
+    # (it checks the parents while waiting), which is Celery's behaviour too.
+    body = client.AsyncResult(res.id)
     with pytest.raises(ChordError) as info:
-        res.get(timeout=TIMEOUT)
+        body.get(timeout=TIMEOUT)
     assert "header broke" in str(info.value)
-    assert res.state == states.FAILURE
+    assert body.state == states.FAILURE
 
 
 def test_many_concurrent_results(client):
@@ -169,3 +172,43 @@ def test_many_concurrent_results(client):
     started = time.monotonic()
     assert [r.get(timeout=TIMEOUT) for r in results] == [i + 1 for i in range(60)]
     assert time.monotonic() - started < TIMEOUT
+
+
+def test_chord_error_calls_the_body_errback(client):
+    errback = s(client, "identity", task_id=str(uuid.uuid4()))
+    body = s(client, "xsum").on_error(errback)
+    res = chord([s(client, "fail", "boom"), s(client, "add", 1, 1)], body).apply_async()
+    with pytest.raises(ChordError):
+        client.AsyncResult(res.id).get(timeout=TIMEOUT)
+    # An old-style errback is sent as a task with the failed task's id.
+    assert client.AsyncResult(errback.id).get(timeout=TIMEOUT) == res.id
+
+
+def test_failure_in_a_chain_propagates_to_its_end(client):
+    res = chain(s(client, "add", 1, 1), s(client, "fail", "mid-chain", immutable=True),
+                s(client, "add", 1)).apply_async()
+    with pytest.raises(Exception) as info:
+        res.get(timeout=TIMEOUT)
+    assert type(info.value).__name__ == "TaskFailed"
+    # The failure is also stored on the chain's last task, which wakes its waiters.
+    meta = client.backend.wait_for(res.id, timeout=TIMEOUT)
+    assert meta["status"] == states.FAILURE
+
+
+def test_prefork_pool(pg_url, schema):
+    """Pool children inherit the parent's app; each must use its own connections."""
+    env = {"KOMBU_PG_URL": pg_url, "KOMBU_PG_SCHEMA": schema}
+    app = Celery("client", broker=pg_url, backend=pg_url, set_as_current=False)
+    app.conf.broker_transport_options = {"schema": schema}
+    app.conf.result_backend_transport_options = {"schema": schema}
+    try:
+        with CeleryWorker("backend_app", env, pool="prefork", concurrency=2) as w:
+            w.wait_ready()
+            res = chord((s(app, "add", i, i) for i in range(6)), s(app, "xsum")).apply_async()
+            assert res.get(timeout=TIMEOUT) == 30
+            assert group(s(app, "double", i) for i in range(6)).apply_async().get(timeout=TIMEOUT) == [
+                0, 2, 4, 6, 8, 10]
+    finally:
+        if isinstance(app._backend, PostgresBackend):
+            app._backend.close()
+        app.close()

@@ -60,7 +60,7 @@ class Options:
     #: Seconds between safety polls when no NOTIFY arrives.
     polling_interval: float = 2.0
     #: Messages claimed per round trip when the consumer has no prefetch limit.
-    claim_batch_max: int = 20
+    claim_batch_max: int = 100
     #: Seconds between recovery passes (dead consumers' messages unlocked, expiry).
     recovery_interval: float = 2.0
     #: Reclaim messages locked longer than this many seconds even if the owner lives.

@@ -45,24 +45,44 @@ class InvalidMessage(ValueError):
 
 
 class QoS(virtual.QoS):
-    """Prefetch accounting in memory; acks and requeues go straight to the database."""
+    """Prefetch accounting in memory; acks are batched, requeues go straight to the database.
+
+    An ack only joins the transport's ack buffer, which is flushed before the next claim,
+    before waiting, on every event-loop tick and at close: a lost buffer can only cause a
+    redelivery (at-least-once), never a loss.
+    """
+
+    def claim_limit(self) -> int:
+        """How many messages to claim now: 0 until the prefetch window is half free.
+
+        Refilling at half the window (instead of one message per ack) keeps claims batched.
+        """
+        cap = self.channel.connection.options.claim_batch_max
+        prefetch = self.prefetch_count
+        if not prefetch:
+            return cap
+        unacked = len(self._delivered) - len(self._dirty)
+        headroom = prefetch - unacked
+        if unacked and headroom < min(cap, max(1, prefetch // 2)):
+            return 0
+        return max(min(headroom, cap), 0)
 
     def ack(self, delivery_tag: str) -> None:
-        was_full = not self.can_consume()
-        self.channel.store.ack([delivery_tag])
+        could_claim = self.claim_limit()
+        self.channel.connection.buffer_ack(delivery_tag)
         super().ack(delivery_tag)
-        if was_full:
+        if not could_claim and self.claim_limit():
             self.channel.connection.wake()
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        was_full = not self.can_consume()
+        could_claim = self.claim_limit()
         if requeue:
             self.channel.store.requeue([delivery_tag])
         else:
-            self.channel.store.ack([delivery_tag])
+            self.channel.connection.buffer_ack(delivery_tag)
             logger.info("kombu-pg: message %s rejected without requeue and deleted", delivery_tag)
         super().ack(delivery_tag)
-        if was_full:
+        if not could_claim and self.claim_limit():
             self.channel.connection.wake()
 
     def restore_unacked(self) -> list:
@@ -70,14 +90,15 @@ class QoS(virtual.QoS):
         self._flush()
         tags = list(self._delivered)
         self._delivered.clear()
-        if tags:
-            try:
+        try:
+            self.channel.connection.flush_acks()
+            if tags:
                 self.channel.store.requeue(tags)
-            except psycopg.Error as exc:
-                # Nothing was removed from the table: recovery unlocks these once this
-                # session is gone, so there is nothing to dump.
-                logger.warning("kombu-pg: could not hand back %d message(s) now (%s); "
-                               "recovery will", len(tags), exc)
+        except psycopg.Error as exc:
+            # Nothing was removed from the table: recovery unlocks these once this
+            # session is gone, so there is nothing to dump.
+            logger.warning("kombu-pg: could not hand back %d message(s) now (%s); "
+                           "recovery will", len(tags), exc)
         return []
 
 
@@ -214,6 +235,7 @@ class Channel(virtual.Channel):
 
     def basic_cancel(self, consumer_tag):
         queue = self._tag_to_queue.get(consumer_tag)
+        self.connection.flush_acks()
         result = super().basic_cancel(consumer_tag)
         if queue is not None and queue not in self._active_queues:
             self._noack_queues.discard(queue)
@@ -223,6 +245,7 @@ class Channel(virtual.Channel):
         return result
 
     def basic_get(self, queue, no_ack=False, **kwargs):
+        self.connection.flush_acks()
         self.store.touch_queues([queue])
         messages = self.fetch(queue, 1, no_ack=no_ack)
         if not messages:
@@ -293,7 +316,7 @@ class Channel(virtual.Channel):
 
     def deliver_batch(self, queue: str, callback) -> int:
         """Claim as many messages as the prefetch headroom allows and deliver them."""
-        limit = self.connection.batch_limit(self)
+        limit = self.qos.claim_limit()
         if not limit:
             return 0
         messages = self.fetch(queue, limit)
@@ -378,6 +401,10 @@ class Transport(virtual.Transport):
         self._timers: list = []
         self._maintenance: BrokerStore | None = None
         self._wake_fds: tuple[int, int] | None = None
+        self._acks: list[str] = []
+        self._ack_lock = threading.Lock()
+        # The thread running drain_events or the event loop; acks from others wake it.
+        self._loop_thread: int | None = None
         self.debouncer = NotifyDebouncer(self.options.notify_debounce, self._trailing_notify)
         register_after_fork(self, _after_fork)
 
@@ -461,6 +488,11 @@ class Transport(virtual.Transport):
             self._release()
 
     def _release(self) -> None:
+        if os.getpid() == self._pid and self._work is not None and not self._work.conn.closed:
+            try:
+                self.flush_acks()
+            except psycopg.Error:
+                pass  # unacked then: recovery redelivers them
         work, listener, consumer = self._work, self._listener, self._consumer_id
         wake_fds, self._wake_fds = self._wake_fds, None
         self._work = self._listener = self._consumer_id = self._maintenance = None
@@ -491,9 +523,34 @@ class Transport(virtual.Transport):
         self.work_store().touch_queues([queue])
         self._pending.add(queue)
 
+    def buffer_ack(self, tag: str) -> None:
+        """Queue an ack for the next flush; wake the loop if acking from another thread."""
+        with self._ack_lock:
+            first = not self._acks
+            self._acks.append(tag)
+        if first and threading.get_ident() != self._loop_thread:
+            self._poke()
+
+    def flush_acks(self) -> None:
+        work = self._work
+        if work is None or not self._acks:
+            return  # without a session its locks are gone: recovery redelivers
+        with self._ack_lock:
+            tags, self._acks = self._acks, []
+        if tags:
+            try:
+                work.ack(tags)
+            except BaseException:
+                with self._ack_lock:
+                    self._acks[:0] = tags
+                raise
+
     def wake(self) -> None:
         """Prefetch capacity was freed (possibly from another thread): fetch again."""
         self._pending.update(self._active_queues())
+        self._poke()
+
+    def _poke(self) -> None:
         try:
             os.write(self._wake_pipe()[1], b"\0")
         except OSError:
@@ -513,13 +570,9 @@ class Transport(virtual.Transport):
     def _active_queues(self) -> set[str]:
         return {q for channel in self.channels for q in channel._active_queues}
 
-    def batch_limit(self, channel: Channel) -> int:
-        headroom = channel.qos.can_consume_max_estimate()
-        cap = self.options.claim_batch_max
-        return cap if headroom is None else min(headroom, cap)
-
     def _fetch_pending(self) -> None:
         """Deliver from queues with possible work, within each channel's prefetch."""
+        self.flush_acks()
         pending = self._pending
         if not pending:
             return
@@ -529,7 +582,7 @@ class Transport(virtual.Transport):
             for queue in list(channel._active_queues):
                 if queue not in pending:
                     continue
-                limit = self.batch_limit(channel)
+                limit = channel.qos.claim_limit()
                 if not limit:
                     break  # full: stays pending until an ack frees capacity
                 if channel.deliver_batch(queue, self._deliver) < limit:
@@ -542,7 +595,9 @@ class Transport(virtual.Transport):
     def drain_events(self, connection, timeout=None):
         """Deliver one batch, waiting on LISTEN (not sleeping) until there is one."""
         deadline = None if timeout is None else monotonic() + timeout
+        self._loop_thread = threading.get_ident()
         while True:
+            self.flush_acks()
             self._maybe_maintain()
             try:
                 self.cycle.get(self._deliver)
@@ -586,6 +641,7 @@ class Transport(virtual.Transport):
         """Called again after every reconnect and hub reset: re-adds everything."""
         self.unregister_from_event_loop()
         self._hub = loop
+        self._loop_thread = threading.get_ident()
         listener = self.listener()
         loop.add_reader(listener.fileno(), self._on_notify)
         loop.add_reader(self._wake_pipe()[0], self._on_wake)
@@ -619,9 +675,11 @@ class Transport(virtual.Transport):
         self._fetch_pending()
 
     def _on_tick(self) -> None:
-        # Runs on every loop iteration: no SQL unless a queue may have work.
+        # Runs on every loop iteration: no SQL unless there are acks or a queue may have work.
         if self._pending:
             self._fetch_pending()
+        elif self._acks:
+            self.flush_acks()
 
     def _safety_poll(self) -> None:
         self._pending.update(self._active_queues())

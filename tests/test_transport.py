@@ -88,7 +88,9 @@ def test_requeue_redelivers_in_place_marked_redelivered(conn, pg_conn, schema):
     second = simple.get(timeout=5)
     assert second.payload == "x" and second.delivery_info["redelivered"]
     assert table_count(pg_conn, schema, "messages") == 1  # no copy was made
-    second.ack()
+    second.ack()  # buffered: flushed before the next claim
+    with pytest.raises(simple.Empty):
+        simple.get_nowait()
     assert table_count(pg_conn, schema, "messages") == 0
     simple.close()
 
@@ -97,6 +99,8 @@ def test_reject_without_requeue_deletes(conn, pg_conn, schema):
     simple = conn.SimpleQueue("rj")
     simple.put("x")
     simple.get(timeout=5).reject(requeue=False)
+    with pytest.raises(simple.Empty):
+        simple.get_nowait()
     assert table_count(pg_conn, schema, "messages") == 0
     simple.close()
 

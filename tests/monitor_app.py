@@ -51,15 +51,15 @@ def make_app(url: str, schema: str, name: str = "monitor_app") -> Celery:
         task_ignore_result=True,
     )
 
-    @app.task(name="monitor_app.add")
+    @app.task(name="monitor_app.add", shared=False)
     def add(x, y):
         return x + y
 
-    @app.task(name="monitor_app.fail")
+    @app.task(name="monitor_app.fail", shared=False)
     def fail(message="boom"):
         raise ValueError(message)
 
-    @app.task(name="monitor_app.wait_for_file")
+    @app.task(name="monitor_app.wait_for_file", shared=False)
     def wait_for_file(path, timeout=30.0):
         """Block until ``path`` exists: lets a test hold a task 'active' deterministically."""
         deadline = time.monotonic() + timeout

@@ -406,17 +406,32 @@ class PostgresBackend(BaseBackend):
         rows = self._run(lambda store: store.get_many(ids, sorted(ready_states)))
         return {row["task_id"]: self._row_to_meta(row) for row in rows}
 
-    def _listen_and_wait(self, ids: set[str], timeout: float) -> None:
-        """Sleep until a NOTIFY names one of ``ids`` or ``timeout`` passes.  A lost
-        listening connection is replaced; the caller re-reads the table either way, so a
-        notification missed meanwhile costs nothing."""
+    def _start_listening(self) -> bool:
+        """LISTEN on this thread's listening connection; False if that failed."""
+        try:
+            self._listener().start()
+            return True
+        except _CONNECTION_ERRORS as exc:
+            logger.warning("kombu-pg result backend: cannot LISTEN (%s); retrying", exc)
+            self._drop_listener()
+            return False
+
+    def _listen_and_wait(self, ids: set[str], timeout: float) -> bool:
+        """Sleep until a NOTIFY names one of ``ids`` or ``timeout`` passes.
+
+        Returns False when the listening connection was lost: the caller must LISTEN
+        again on a new one *before* reading again, or a result stored in between would
+        only be seen at the next safety re-read.
+        """
         try:
             listener = self._listener()
             listener.start()
             listener.wait(ids, timeout)
+            return True
         except _CONNECTION_ERRORS as exc:
             logger.warning("kombu-pg result backend: listening connection lost (%s); reconnecting", exc)
             self._drop_listener()
+            return False
 
     def _stop_listening(self) -> None:
         listener = getattr(self._thread_state(), "listener", None)
@@ -426,6 +441,12 @@ class PostgresBackend(BaseBackend):
             listener.stop()
         except _CONNECTION_ERRORS:
             self._drop_listener()
+
+    def _backoff(self, failures: int, deadline: float | None) -> None:
+        pause = min(0.05 * 2 ** min(failures, 6), self.options.polling_interval)
+        if deadline is not None:
+            pause = min(pause, max(0.0, deadline - time.monotonic()))
+        self._sleep(pause)
 
     def get_many(self, task_ids, timeout=None, interval=0.5, no_ack=True,
                  on_message=None, on_interval=None, max_iterations=None,
@@ -446,22 +467,26 @@ class PostgresBackend(BaseBackend):
         if not ids:
             return
         deadline = None if timeout is None else time.monotonic() + timeout
-        iterations = 0
+        local = self._thread_state()
+        local.waiters = getattr(local, "waiters", 0) + 1
+        iterations = failures = 0
+        first = True
         listening = False
-        failures = 0
         try:
             while True:
                 try:
                     ready = self._fetch_ready(ids, READY_STATES)
                     failures = 0
                 except _CONNECTION_ERRORS as exc:
-                    # The store reconnects once by itself; this is a longer outage.
-                    if not listening:
+                    # The store already reconnected once: this is a longer outage.  Fail
+                    # fast on the first read (bad configuration), else keep trying.
+                    if first:
                         raise
                     failures += 1
                     logger.warning("kombu-pg result backend: cannot read results (%s); retrying", exc)
                     ready = {}
-                    self._sleep(min(0.05 * 2 ** min(failures, 6), self.options.polling_interval))
+                    self._backoff(failures, deadline)
+                first = False
                 cache.update(ready)
                 for task_id, meta in ready.items():
                     ids.discard(task_id)
@@ -481,19 +506,18 @@ class PostgresBackend(BaseBackend):
                 if not listening:
                     # LISTEN first, then read again: a result stored in between is
                     # either seen by that read or announced to this session.
-                    try:
-                        self._listener().start()
-                    except _CONNECTION_ERRORS as exc:
-                        logger.warning("kombu-pg result backend: cannot listen (%s)", exc)
-                        self._drop_listener()
-                    listening = True
+                    listening = self._start_listening()
+                    if not listening:
+                        failures += 1
+                        self._backoff(failures, deadline)
                     continue
                 wait = self.options.polling_interval
                 if remaining is not None:
                     wait = min(wait, remaining)
-                self._listen_and_wait(ids, wait)
+                listening = self._listen_and_wait(ids, wait)
         finally:
-            if listening:
+            local.waiters -= 1
+            if not local.waiters:  # the outermost wait of this thread ends
                 self._stop_listening()
 
     def wait_for(self, task_id, timeout=None, interval=0.5, no_ack=True, on_interval=None):

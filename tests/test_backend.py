@@ -457,6 +457,19 @@ def test_data_connection_killed_between_calls_reconnects(app, pg_conn, schema):
     assert app.backend.get_task_meta(tid, cache=False)["result"] == 1
 
 
+def test_thread_safe_backend_shared_by_waiting_threads(make_app):
+    """With result_backend_thread_safe one backend serves every thread; each thread
+    still waits on its own connections."""
+    app = make_app(result_backend_thread_safe=True, options={"polling_interval": 30})
+    writer = make_app()
+    ids = [uuid() for _ in range(4)]
+    handles = [in_thread(app.AsyncResult(tid).get, timeout=20) for tid in ids]
+    for n, tid in enumerate(ids):
+        writer.backend.store_result(tid, n, states.SUCCESS)
+    assert [h.result() for h in handles] == [0, 1, 2, 3]
+    assert app._backend_cache is app.backend  # one instance for all threads
+
+
 def test_many_concurrent_writers_and_waiters(make_app):
     n_waiters, per_waiter = 6, 20
     ids = [[uuid() for _ in range(per_waiter)] for _ in range(n_waiters)]
@@ -486,7 +499,8 @@ def test_many_concurrent_writers_and_waiters(make_app):
 
 @pytest.fixture
 def chord_app(make_app):
-    app = make_app(task_always_eager=True)  # the body runs in-process when sent
+    # The body runs in-process when sent; its failure is stored like a worker would.
+    app = make_app(task_always_eager=True, task_store_eager_result=True)
     received: list = []
 
     @app.task(name="tests.collect", shared=False)
@@ -617,7 +631,16 @@ def test_expired_results_read_as_pending_and_cleanup_deletes_them(make_app, pg_c
     assert app.backend._run(lambda st: st.counts()) == {
         "results": 1, "groups": 0, "chords": 0, "chord_parts": 0}
     assert keep.AsyncResult(kept).get(timeout=5) == "forever"
-    assert app.backend.supports_autoexpire is False  # so beat installs backend_cleanup
+
+
+def test_beat_schedules_backend_cleanup_when_results_expire(make_app):
+    from celery.beat import Scheduler
+
+    app = make_app(result_expires=timedelta(hours=1))
+    assert app.backend.supports_autoexpire is False
+    sched = Scheduler(app, lazy=True)
+    sched.install_default_entries({})
+    assert sched.schedule["celery.backend_cleanup"].task == "celery.backend_cleanup"
 
 
 def test_result_expires_sets_expiry_and_failure_expires_applies_to_failures(make_app, pg_conn, schema):

@@ -110,6 +110,14 @@ def test_chord_uses_the_counter_not_chord_unlock(client, worker):
     assert not any("celery.chord_unlock" in line for line in worker.lines)
 
 
+def test_chord_whose_header_tasks_ignore_their_results(client):
+    # The parts' values travel through the chord table, not through stored results.
+    header = [s(client, "add", i, i, ignore_result=True) for i in range(4)]
+    res = chord(header, s(client, "identity")).apply_async()
+    assert res.get(timeout=TIMEOUT) == [0, 2, 4, 6]
+    assert all(r.state == states.PENDING for r in res.parent.results)
+
+
 def test_chord_of_chords(client):
     inner1 = chord([s(client, "add", 1, 1), s(client, "add", 2, 2)], s(client, "xsum"))
     inner2 = chord([s(client, "add", 3, 3)], s(client, "xsum"))

@@ -228,6 +228,10 @@ class DLQStore:
             raise UsageError("a bulk operation needs explicit ids or at least one filter")
         return [r[0] for r in self._exec("matching_ids", {**params, "limit": limit})]
 
+    def all_ids(self) -> list[int]:
+        params = {key: None for key in FILTER_KEYS}
+        return [r[0] for r in self._exec("matching_ids", {**params, "limit": 2**62})]
+
     def get(self, dlq_id: int) -> dict:
         row = self._exec("get", {"id": dlq_id}).fetchone()
         if row is None:

@@ -1,0 +1,194 @@
+"""The Python API: the same operations as ``celery dlq ...``.
+
+    from celery_dlq import DLQ
+    dlq = DLQ(app)
+    page = dlq.list(task="proj.charge", limit=20)
+    dlq.requeue(ids=[page.rows[0]["id"]], note="fixed in #123")
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from typing import Any, Iterable, Mapping
+
+from kombu.serialization import loads as kombu_loads
+
+from .capture import CELERY_HEADERS
+from .ext import DeadLetterQueue, install
+from .store import (
+    DLQ_ID_HEADER, DLQError, NotFound, Page, RequeueResult, UsageError, check_filters, has_filter,
+)
+
+logger = logging.getLogger("celery_dlq")
+
+
+class DLQ:
+    """Inspect and act on the dead-letter queue of one Celery app."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.runtime: DeadLetterQueue = install(app)
+
+    @property
+    def settings(self):
+        return self.runtime.settings
+
+    def _store(self):
+        return self.runtime.store()
+
+    def close(self) -> None:
+        self.runtime.close()
+
+    # -- read -----------------------------------------------------------------------
+
+    def list(self, *, limit: int = 50, cursor: int | None = None, **filters: Any) -> Page:
+        return self._store().list(filters, limit=limit, cursor=cursor)
+
+    def show(self, dlq_id: int) -> dict:
+        """One entry with everything stored, plus the decoded task call when readable."""
+        row = self._store().get(dlq_id)
+        row["call"] = decode_call(row["message"])
+        return row
+
+    def stats(self) -> dict:
+        return self._store().stats()
+
+    # -- write -------------------------------------------------------------------------
+
+    def _targets(self, ids: Iterable[int] | None, filters: Mapping[str, Any] | None) -> list[int]:
+        """Explicit ids, or the rows matching at least one filter; never 'everything'."""
+        ids = list(ids or ())
+        params = check_filters(filters)
+        if ids and has_filter(params):
+            raise UsageError("give either ids or filters, not both")
+        if ids:
+            return [int(i) for i in ids]
+        if not has_filter(params):
+            raise UsageError("a bulk operation needs explicit ids or at least one filter")
+        return self._store().matching_ids(filters)
+
+    def requeue(self, ids: Iterable[int] | None = None, *, filters: Mapping[str, Any] | None = None,
+                note: str | None = None, dry_run: bool = False, force: bool = False) -> list[RequeueResult]:
+        """Send entries back to their queue.  Unknown ids give ``requeued=False, 'not found'``."""
+        targets = self._targets(ids, filters)
+        results = []
+        for dlq_id in targets:
+            if dry_run:
+                try:
+                    row = self._store().get(dlq_id)
+                except NotFound:
+                    results.append(RequeueResult(dlq_id, False, "not found"))
+                    continue
+                ok = row["status"] == "dead" or force
+                results.append(RequeueResult(dlq_id, ok, "would requeue" if ok else f"already {row['status']}"))
+                continue
+            try:
+                results.append(self.requeue_one(dlq_id, note=note, force=force))
+            except NotFound:
+                results.append(RequeueResult(dlq_id, False, "not found"))
+        return results
+
+    def requeue_one(self, dlq_id: int, *, note: str | None = None, force: bool = False) -> RequeueResult:
+        store = self._store()
+        if self.settings.atomic:
+            return store.requeue_to_broker(dlq_id, note=note, force=force)
+        return self._requeue_send_task(dlq_id, note=note, force=force)
+
+    def _requeue_send_task(self, dlq_id: int, *, note: str | None, force: bool) -> RequeueResult:
+        """Another broker: publish with send_task; success means the message was published."""
+        row = self._store().get(dlq_id)
+        if row["status"] != "dead" and not force:
+            return RequeueResult(dlq_id, False, f"already {row['status']}")
+        call = decode_call(row["message"])
+        if call is None:
+            raise DLQError(f"DLQ entry {dlq_id}: the stored message cannot be decoded for send_task")
+        headers = dict(call["custom_headers"])
+        headers[DLQ_ID_HEADER] = dlq_id
+        h = call["headers"]
+        embed = call["embed"] or {}
+        options = dict(
+            task_id=h.get("id"), headers=headers, retries=h.get("retries") or 0,
+            root_id=h.get("root_id"), parent_id=h.get("parent_id"), group_id=h.get("group"),
+            group_index=h.get("group_index"), shadow=h.get("shadow"),
+            link=embed.get("callbacks"), link_error=embed.get("errbacks"),
+            chain=embed.get("chain"), chord=embed.get("chord"),
+            priority=call["priority"],
+        )
+        if row["exchange"] is not None:
+            options["exchange"] = row["exchange"]
+        if row["routing_key"]:
+            options["routing_key"] = row["routing_key"]
+        timelimit = h.get("timelimit") or (None, None)
+        if isinstance(timelimit, (list, tuple)) and len(timelimit) == 2:
+            options["time_limit"], options["soft_time_limit"] = timelimit
+        self.app.send_task(h.get("task") or row["task_name"], call["args"], call["kwargs"],
+                           **{k: v for k, v in options.items() if v is not None})
+        # Published: from here on nothing may turn this into a failure.
+        try:
+            self._store().mark_requeued(dlq_id, note)
+        except Exception as exc:
+            self.runtime.reset_connection()
+            logger.warning("celery_dlq: entry %s was requeued but its status could not be updated: %s",
+                           dlq_id, exc)
+            return RequeueResult(dlq_id, True, f"requeued (status not updated: {exc})")
+        return RequeueResult(dlq_id, True, "requeued")
+
+    def delete(self, ids: Iterable[int] | None = None, *, filters: Mapping[str, Any] | None = None,
+               dry_run: bool = False) -> list[int]:
+        """Delete entries; returns the ids that existed (and were, or would be, deleted)."""
+        targets = self._targets(ids, filters)
+        if dry_run:
+            return sorted(self._store().matching_ids({"ids": targets})) if targets else []
+        return self._store().delete(targets)
+
+    def purge(self, *, filters: Mapping[str, Any] | None = None, everything: bool = False,
+              dry_run: bool = False) -> int:
+        """Delete every entry matching the filters (or all with ``everything=True``).
+
+        Pending captures run first, so nothing the broker still holds is left behind.
+        """
+        params = check_filters(filters)
+        if not has_filter(params) and not everything:
+            raise UsageError("purge needs at least one filter, or everything=True")
+        if not dry_run:
+            self.reap()
+        store = self._store()
+        ids = store.matching_ids(filters) if has_filter(params) else store.all_ids()
+        if dry_run:
+            return len(ids)
+        return len(store.delete(ids))
+
+    def note(self, dlq_id: int, text: str) -> None:
+        self._store().add_note(dlq_id, text)
+
+    def reap(self, *, dry_run: bool = False) -> dict:
+        """Capture exhausted broker messages and failures missing from the DLQ."""
+        if dry_run:
+            s = self.settings
+            n = self._store().count_exhausted(s.max_deliveries) if s.atomic and s.max_deliveries else 0
+            return {"moved": 0, "swept": 0, "recovered": 0, "would_move": n}
+        return self.runtime.reap()
+
+
+def decode_call(message: str) -> dict | None:
+    """Task name, args, kwargs, embed and headers of a stored Kombu message (protocol 2)."""
+    try:
+        doc = json.loads(message)
+        headers = dict(doc.get("headers") or {})
+        props = doc.get("properties") or {}
+        body = doc.get("body")
+        if props.get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        content_type = doc.get("content-type")
+        decoded = kombu_loads(body, content_type, doc.get("content-encoding"), accept={content_type})
+        args, kwargs, embed = decoded
+    except Exception:
+        return None
+    return {
+        "task": headers.get("task"), "args": list(args or ()), "kwargs": dict(kwargs or {}),
+        "embed": embed, "headers": headers, "priority": props.get("priority"),
+        "custom_headers": {k: v for k, v in headers.items()
+                           if k not in CELERY_HEADERS and k != DLQ_ID_HEADER},
+    }

@@ -1,0 +1,413 @@
+"""The Celery side: signal handlers, the reaper task, start-up capture.
+
+``install(app)`` wires one :class:`DeadLetterQueue` to the app.  Each process (worker
+main process, every prefork child, beat, the CLI) opens its own DLQ connection lazily.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import psycopg
+from celery import signals
+from celery.utils.serialization import raise_with_context
+from kombu.serialization import dumps as kombu_dumps, loads as kombu_loads
+
+from kombu_pg.config import build_conninfo
+from kombu_pg.store import BrokerStore, apply_migrations, connect
+
+from . import config
+from .capture import (
+    NonRetryable, classify, entry_from_message, is_non_retryable, message_from_context,
+    message_from_kombu,
+)
+from .store import DLQ_ID_HEADER, DLQStore, Entry
+
+logger = logging.getLogger("celery_dlq")
+
+REAP_TASK = "celery_dlq.reap"
+
+# Connections inherited through fork are kept referenced, never closed or collected:
+# closing (or GC) would end the parent's session on the shared socket.
+_inherited: list = []
+
+
+class DeadLetterQueue:
+    """Per-app, per-process DLQ runtime."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self._settings: config.Settings | None = None
+        self._lock = threading.RLock()
+        self._conn: psycopg.Connection | None = None
+        self._pid = os.getpid()
+        self._migrated = False
+        self._requests: OrderedDict[str, Any] = OrderedDict()
+
+    # -- settings and connection ----------------------------------------------------
+
+    @property
+    def settings(self) -> config.Settings:
+        if self._settings is None:
+            self._settings = config.load(self.app)
+        return self._settings
+
+    def _connect(self) -> psycopg.Connection:
+        s = self.settings
+        timeout_ms = int(s.write_timeout * 1000)
+        extra = {"options": f"-c lock_timeout={timeout_ms}"} if timeout_ms else None
+        conninfo = build_conninfo(s.database_url, extra=extra)
+        conn = connect(conninfo)
+        if s.auto_migrate and not self._migrated:
+            apply_migrations(conn, s.schema)
+            self._migrated = True
+        return conn
+
+    def store(self) -> DLQStore:
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the parent's connection is not ours
+                if self._conn is not None:
+                    _inherited.append(self._conn)
+                self._conn, self._pid = None, os.getpid()
+                self._requests = OrderedDict()
+            if self._conn is None or self._conn.closed or self._conn.broken:
+                self._conn = self._connect()
+            return DLQStore(self._conn, self.settings.schema)
+
+    def reset_connection(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None and self._pid == os.getpid():
+                try:
+                    conn.close()
+                except Exception:
+                    pass
+
+    def close(self) -> None:
+        self.reset_connection()
+
+    # -- writing -----------------------------------------------------------------------
+
+    def write(self, entry: Entry) -> int | None:
+        """Capture one failure; a failed write is logged loudly, never raised into Celery."""
+        for attempt in (1, 2):
+            try:
+                with self._lock:
+                    row_id, count = self.store().capture(entry)
+                logger.warning("celery_dlq: task %s[%s] dead-lettered (%s, %s), DLQ id %s, failure %d",
+                               entry.task_name, entry.task_id, entry.reason, entry.exception_type, row_id, count)
+                return row_id
+            except psycopg.OperationalError as exc:
+                # A broken session (server restart): one retry on a fresh connection.
+                self.reset_connection()
+                if attempt == 2 or not _is_disconnect(exc):
+                    error = exc
+                    break
+            except Exception as exc:
+                self.reset_connection()
+                error = exc
+                break
+        logger.critical(
+            "celery_dlq: DLQ WRITE FAILED for task %s[%s] (%s: %s): %s. The failure is not "
+            "lost if the result backend stored it: the backstop sweep (%s, `celery dlq reap`) "
+            "captures FAILURE results missing from the DLQ.",
+            entry.task_name, entry.task_id, entry.reason, entry.exception_type, error, REAP_TASK)
+        return None
+
+    # -- signal handlers ------------------------------------------------------------------
+
+    def _ours(self, task) -> bool:
+        return task is not None and getattr(task, "app", None) is self.app
+
+    def on_task_received(self, sender=None, request=None, **kwargs) -> None:
+        """Worker main process: remember the request, for failures reported there."""
+        if request is None or not self._ours(getattr(request, "task", None)):
+            return
+        with self._lock:
+            self._requests[request.id] = request
+            limit = self.settings.request_memory
+            while len(self._requests) > limit:
+                self._requests.popitem(last=False)
+
+    def on_task_prerun(self, sender=None, task=None, **kwargs) -> None:
+        task = task or sender
+        if self._ours(task) and not getattr(task, "_dlq_guarded", False):
+            guard_retry(task, self)
+
+    def on_task_failure(self, sender=None, task_id=None, exception=None, args=None, kwargs=None,
+                        einfo=None, **extra) -> None:
+        task = sender
+        if not self._ours(task):
+            return
+        try:
+            settings = self.settings
+            if not settings.enabled or task.name in settings.excluded_tasks:
+                return
+            with self._lock:
+                worker_request = self._requests.pop(task_id, None)
+            ctx = task.request
+            in_context = ctx is not None and ctx.id == task_id and not ctx.called_directly
+            if worker_request is not None:
+                retries = worker_request.request_dict.get("retries") or 0
+            else:
+                retries = (ctx.retries or 0) if in_context else 0
+            reason = classify(task, exception, retries, settings)
+            if reason is None:
+                return
+            if worker_request is not None:
+                doc, source = message_from_kombu(worker_request.message), "worker"
+            elif in_context:
+                doc, source = message_from_context(task, ctx, args, kwargs), "trace"
+            else:
+                doc, source = minimal_message(task, task_id, args, kwargs), "trace"
+            entry = entry_from_message(
+                doc, reason=reason, source=source, exc=exception,
+                traceback=getattr(einfo, "traceback", None), retries=retries,
+                worker=getattr(ctx, "hostname", None) or _hostname(),
+            )
+        except Exception:
+            logger.critical("celery_dlq: could not build a DLQ entry for task %s[%s]",
+                            getattr(task, "name", "?"), task_id, exc_info=True)
+            return
+        self.write(entry)
+
+    def on_task_success(self, sender=None, **kwargs) -> None:
+        """A requeued message (it carries the dlq_id header) succeeded: resolve its row."""
+        task = sender
+        if not self._ours(task):
+            return
+        ctx = task.request
+        dlq_id = (ctx.headers or {}).get(DLQ_ID_HEADER) if ctx is not None else None
+        if dlq_id is None and ctx is not None:
+            dlq_id = vars(ctx).get(DLQ_ID_HEADER)
+        if dlq_id is None:
+            return
+        try:
+            with self._lock:
+                self.store().resolve(int(dlq_id), ctx.id)
+        except Exception:
+            self.reset_connection()
+            logger.error("celery_dlq: could not mark DLQ entry %s resolved", dlq_id, exc_info=True)
+
+    def on_worker_init(self, sender=None, **kwargs) -> None:
+        """Worker main process, before the pool, consumer and ``--purge``: capture first."""
+        if getattr(sender, "app", None) is not self.app:
+            return
+        settings = self.settings  # a configuration error stops the worker here, loudly
+        if not settings.enabled:
+            self.warn_unrecoverable("worker start")
+            return
+        if settings.reap_at_worker_start:
+            report = self.reap(recover=True)
+            logger.warning("celery_dlq: start-up capture: %d exhausted message(s) moved to the DLQ, "
+                           "%d failure(s) recovered by the backstop sweep", report["moved"], report["swept"])
+        self.reset_connection()  # prefork children must not inherit it
+
+    def on_worker_process_init(self, **kwargs) -> None:
+        with self._lock:
+            if self._pid != os.getpid():
+                if self._conn is not None:
+                    _inherited.append(self._conn)
+                self._conn, self._pid = None, os.getpid()
+                self._requests = OrderedDict()
+
+    # -- operations --------------------------------------------------------------------------
+
+    def warn_unrecoverable(self, where: str) -> int:
+        """With the DLQ disabled, say how many exhausted messages nothing will keep."""
+        s = self.settings
+        if not (s.atomic and s.max_deliveries):
+            return 0
+        try:
+            with self._lock:
+                n = self.store().count_exhausted(s.max_deliveries)
+        except Exception:
+            self.reset_connection()
+            return 0
+        if n:
+            logger.warning(
+                "celery_dlq: the DLQ is disabled (dlq_enabled=False) and %d broker message(s) are "
+                "past max_deliveries=%d at %s; anything that deletes them (purge, queue deletion, "
+                "expiry) deletes them for good: they cannot be recovered.", n, s.max_deliveries, where)
+        return n
+
+    def reap(self, *, recover: bool = False) -> dict:
+        """Capture everything pending: exhausted broker messages (looping until none are
+        left) and, as a backstop, FAILURE results that never reached the DLQ."""
+        s = self.settings
+        report = {"moved": 0, "swept": 0, "recovered": 0}
+        if not s.enabled:
+            self.warn_unrecoverable("reap")
+            return report
+        with self._lock:
+            store = self.store()
+            if s.atomic and s.max_deliveries:
+                report["moved"] += store.reap(s.max_deliveries, s.reap_batch_size)
+                if recover:
+                    # Messages held by workers that died (this one's previous life) are
+                    # unlocked in place, then reaped if they are exhausted.
+                    released = BrokerStore(store.conn, s.schema).recover([])
+                    report["recovered"] = sum(released.released.values())
+                    if report["recovered"]:
+                        report["moved"] += store.reap(s.max_deliveries, s.reap_batch_size)
+        if s.backstop_window > 0:
+            report["swept"] = self.sweep()
+        return report
+
+    def sweep(self, limit: int = 500) -> int:
+        """Backstop: FAILURE results (kombu-pg result backend) with no DLQ row."""
+        s = self.settings
+        swept = 0
+        with self._lock:
+            store = self.store()
+            if not store.has_results_table():
+                return 0
+            while True:
+                rows = store.backstop_candidates(s.backstop_window, limit, sorted(s.excluded_tasks))
+                for row in rows:
+                    if store.capture_if_absent(entry_from_result(row)) is not None:
+                        swept += 1
+                if len(rows) < limit:
+                    break
+            store.forget_tombstones(max(s.backstop_window, 1.0) * 2)
+        if swept:
+            logger.warning("celery_dlq: backstop sweep captured %d failure(s) missing from the DLQ", swept)
+        return swept
+
+
+def _is_disconnect(exc: BaseException) -> bool:
+    return not isinstance(exc, psycopg.errors.LockNotAvailable) and not isinstance(
+        exc, psycopg.errors.QueryCanceled)
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def guard_retry(task, dlq: DeadLetterQueue) -> None:
+    """Make ``task.retry(exc=...)`` re-raise non-retryable errors instead of retrying.
+
+    Celery's autoretry (``autoretry_for``) and hand-written ``self.retry(exc=exc)`` both
+    go through ``task.retry``; a non-retryable exception then fails the task on its first
+    run, so no retry is burned and ``task_failure`` sends it to the DLQ.
+    """
+    original = task.retry
+
+    def retry(*args, **kwargs):
+        exc = kwargs.get("exc", args[2] if len(args) > 2 else None)
+        if exc is not None:
+            try:
+                settings = dlq.settings
+            except Exception:
+                settings = None
+            if settings is not None and settings.enabled and is_non_retryable(exc, settings):
+                raise_with_context(exc)
+        return original(*args, **kwargs)
+
+    task.retry = retry
+    task._dlq_guarded = True
+
+
+def minimal_message(task, task_id, args, kwargs) -> dict:
+    content_type, content_encoding, data = kombu_dumps(
+        (list(args or ()), dict(kwargs or {}), {"callbacks": None, "errbacks": None, "chain": None, "chord": None}),
+        serializer=getattr(task, "serializer", None) or "json")
+    if isinstance(data, str):
+        data = data.encode(content_encoding or "utf-8")
+    return {
+        "body": base64.b64encode(data).decode("ascii"),
+        "content-encoding": content_encoding,
+        "content-type": content_type,
+        "headers": {"lang": "py", "task": task.name, "id": task_id, "retries": 0},
+        "properties": {"body_encoding": "base64", "delivery_info": {}, "priority": 0},
+    }
+
+
+def _decode(data, content_type, content_encoding):
+    if data is None:
+        return None
+    try:
+        from celery.backends.base import decompress_payload
+
+        return kombu_loads(decompress_payload(bytes(data)), content_type, content_encoding,
+                           accept={content_type})
+    except Exception:
+        return None
+
+
+def entry_from_result(row) -> Entry:
+    """A DLQ entry rebuilt from a FAILURE row of the result backend (backstop sweep)."""
+    (task_id, name, queue, retries, worker, content_type, content_encoding, result, traceback,
+     args, kwargs) = row
+    meta = _decode(result, content_type, content_encoding)
+    exc_type = exc_message = None
+    if isinstance(meta, dict):
+        exc_type = meta.get("exc_type")
+        if meta.get("exc_module") and meta["exc_module"] != "builtins" and exc_type:
+            exc_type = f"{meta['exc_module']}.{exc_type}"
+        message = meta.get("exc_message")
+        exc_message = " ".join(map(str, message)) if isinstance(message, (list, tuple)) else (
+            None if message is None else str(message))
+    args = _decode(args, content_type, content_encoding)
+    kwargs = _decode(kwargs, content_type, content_encoding)
+    body_ct, body_ce, data = kombu_dumps(
+        (list(args or ()), dict(kwargs or {}), {"callbacks": None, "errbacks": None, "chain": None, "chord": None}),
+        serializer="json")
+    if isinstance(data, str):
+        data = data.encode(body_ce or "utf-8")
+    doc = {
+        "body": base64.b64encode(data).decode("ascii"),
+        "content-encoding": body_ce,
+        "content-type": body_ct,
+        "headers": {"lang": "py", "task": name, "id": task_id, "retries": retries},
+        "properties": {"body_encoding": "base64", "priority": 0,
+                       "delivery_info": {"exchange": "", "routing_key": queue}},
+    }
+    return Entry(
+        message=json.dumps(doc, default=str), reason="retries_exhausted" if retries else "non_retryable",
+        source="backstop", task_id=task_id, task_name=name, queue=queue, exchange=None,
+        routing_key=queue, exception_type=exc_type, exception_message=exc_message,
+        traceback=traceback, retries=retries or 0, worker=worker,
+    )
+
+
+def install(app) -> DeadLetterQueue:
+    """Enable the DLQ for ``app`` (idempotent).  Settings are read lazily from ``dlq_*``."""
+    existing = getattr(app, "_celery_dlq", None)
+    if existing is not None:
+        return existing
+    dlq = DeadLetterQueue(app)
+    app._celery_dlq = dlq
+    signals.task_received.connect(dlq.on_task_received, weak=False)
+    signals.task_prerun.connect(dlq.on_task_prerun, weak=False)
+    signals.task_failure.connect(dlq.on_task_failure, weak=False)
+    signals.task_success.connect(dlq.on_task_success, weak=False)
+    signals.worker_init.connect(dlq.on_worker_init, weak=False)
+    signals.worker_process_init.connect(dlq.on_worker_process_init, weak=False)
+
+    @app.task(name=REAP_TASK, ignore_result=True, shared=False)
+    def reap():
+        """Move exhausted broker messages to the DLQ and run the backstop sweep."""
+        return dlq.reap()
+
+    def schedule(sender=None, **kwargs):
+        interval = app.conf.get("dlq_reap_interval")
+        if interval:
+            app.add_periodic_task(float(interval), app.signature(REAP_TASK), name=REAP_TASK)
+
+    if app.configured:
+        schedule()
+    else:
+        app.on_after_configure.connect(schedule, weak=False)
+    return dlq
+
+
+__all__ = ["DeadLetterQueue", "NonRetryable", "REAP_TASK", "install"]

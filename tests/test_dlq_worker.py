@@ -1,0 +1,221 @@
+"""Failure routing with a real ``celery worker`` (prefork pool, embedded beat running the
+reaper every second): R1, R2, R3, R4, R5, A5, L2 and M2/M3 end to end."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+import uuid
+
+import psycopg
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from psycopg import sql
+
+from celery_dlq import DLQ, PRESETS
+from celery_dlq.metrics import DLQCollector
+
+from .dlq_app import make_app, setup_schema
+from .worker import CeleryWorker
+
+pytestmark = pytest.mark.slow
+
+
+def wait_until(predicate, timeout=30.0, what="condition"):
+    """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        pause.wait(0.1)
+
+
+@pytest.fixture(scope="module")
+def env(pg_url, tmp_path_factory):
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    setup_schema(pg_url, schema)
+    yield {"url": pg_url, "schema": schema, "beat": str(tmp_path_factory.mktemp("beat") / "schedule")}
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+@pytest.fixture(scope="module")
+def db(env):
+    with psycopg.connect(env["url"], autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture(scope="module")
+def client(env):
+    app = make_app(env["url"], env["schema"])
+    yield app
+    DLQ(app).close()
+
+
+@pytest.fixture(scope="module")
+def worker(env):
+    w = CeleryWorker(
+        "dlq_app",
+        {"KOMBU_PG_URL": env["url"], "DLQ_SCHEMA": env["schema"], "DLQ_BEAT_FILE": env["beat"],
+         "DLQ_CONF": json.dumps({"dlq_reap_interval": 1.0})},
+        pool="prefork", concurrency=2, args=["-B"],
+    )
+    try:
+        w.wait_ready()
+        yield w
+    finally:
+        w.stop()
+
+
+def dlq_row(db, schema, task_id):
+    row = db.execute(
+        sql.SQL("SELECT id, reason, retries, failure_count, exception_type, source, status, message, queue "
+                "FROM {}.dlq WHERE task_id = %s").format(sql.Identifier(schema)), (task_id,)).fetchone()
+    if row is None:
+        return None
+    return dict(zip(("id", "reason", "retries", "failure_count", "exception_type", "source", "status",
+                     "message", "queue"), row))
+
+
+def runs(db, schema, task_id):
+    return [r[0] for r in db.execute(
+        sql.SQL("SELECT at FROM {}.runs WHERE task_id = %s ORDER BY at").format(sql.Identifier(schema)),
+        (task_id,))]
+
+
+def test_non_retryable_error_runs_once_and_is_dead_lettered_at_once(worker, client, db, env):
+    """R1: autoretry_for=(Exception,) would retry it 3 times; a NonRetryable runs once."""
+    result = client.send_task("dlq_app.permanent", (1,))
+    row = wait_until(lambda: dlq_row(db, env["schema"], result.id), what="DLQ row")
+    assert len(runs(db, env["schema"], result.id)) == 1
+    assert row["reason"] == "non_retryable" and row["retries"] == 0 and row["failure_count"] == 1
+    assert row["exception_type"].endswith("PermanentError")
+    assert row["source"] == "trace"  # the pool child's task_failure
+    # Classified by type: its message says "temporary", which changes nothing.
+
+
+def test_configured_exception_class_is_not_retried(worker, client, db, env):
+    """R1: classes listed in dlq_non_retryable_exceptions."""
+    result = client.send_task("dlq_app.configured", (2,))
+    row = wait_until(lambda: dlq_row(db, env["schema"], result.id), what="DLQ row")
+    assert len(runs(db, env["schema"], result.id)) == 1
+    assert row["reason"] == "non_retryable" and row["exception_type"].endswith("ConfiguredPermanent")
+
+
+def test_retryable_error_follows_the_policy_then_reaches_the_dlq(worker, client, db, env):
+    """R2: the "fast" preset: 3 runs, 1 s then 2 s apart, then the DLQ, exhausted."""
+    result = client.send_task("dlq_app.flaky", (3,))
+    row = wait_until(lambda: dlq_row(db, env["schema"], result.id), timeout=30, what="DLQ row")
+    times = runs(db, env["schema"], result.id)
+    delays = [(b - a).total_seconds() for a, b in zip(times, times[1:])]
+    expected = PRESETS["fast"].delays()
+    assert expected == [1, 2]
+    assert len(delays) == len(expected), delays
+    for measured, wanted in zip(delays, expected):
+        assert wanted - 0.05 <= measured <= wanted + 1.5, (delays, expected)
+    assert row["reason"] == "retries_exhausted" and row["retries"] == 2 and row["failure_count"] == 1
+    assert row["exception_type"].endswith("Flaky")  # the original error, re-raised by autoretry
+
+
+def test_manual_retry_exhaustion_is_recorded(worker, client, db, env):
+    """R2: a bare self.retry() ends with MaxRetriesExceededError."""
+    result = client.send_task("dlq_app.manual", (4,))
+    row = wait_until(lambda: dlq_row(db, env["schema"], result.id), what="DLQ row")
+    assert len(runs(db, env["schema"], result.id)) == 2
+    assert row["reason"] == "retries_exhausted" and row["exception_type"].endswith("MaxRetriesExceededError")
+
+
+def test_main_process_failures_are_captured_with_the_exact_message(worker, client, db, env):
+    """R4: Reject(requeue=False) and a lost pool child report task_failure in the worker's
+    main process, where task.request is empty: both are captured, with the message."""
+    rejected = client.send_task("dlq_app.rejecting", (5,), priority=4)
+    lost = client.send_task("dlq_app.dies", (6,))
+    row = wait_until(lambda: dlq_row(db, env["schema"], rejected.id), what="rejected row")
+    assert (row["reason"], row["source"]) == ("rejected", "worker")
+    doc = json.loads(row["message"])
+    assert doc["headers"]["id"] == rejected.id and doc["headers"]["task"] == "dlq_app.rejecting"
+    assert doc["properties"]["delivery_info"]["routing_key"] == "celery" and row["queue"] == "celery"
+    assert json.loads(base64.b64decode(doc["body"]))[0] == [5]
+    assert doc["properties"]["priority"] == 4
+
+    row = wait_until(lambda: dlq_row(db, env["schema"], lost.id), what="worker-lost row")
+    assert row["source"] == "worker" and row["exception_type"].endswith("WorkerLostError")
+    assert json.loads(row["message"])["headers"]["id"] == lost.id
+
+
+def test_poison_message_stops_after_max_deliveries_and_is_reaped(worker, client, db, env):
+    """R3: it kills its pool child every time (reject_on_worker_lost requeues it); after
+    max_deliveries=2 the broker stops delivering it and the beat reaper moves it."""
+    result = client.send_task("dlq_app.poison", (7,))
+    row = wait_until(lambda: dlq_row(db, env["schema"], result.id), timeout=40, what="reaped poison")
+    assert row["reason"] == "max_deliveries" and row["source"] == "reaper"
+    assert len(runs(db, env["schema"], result.id)) == 2
+    left = db.execute(sql.SQL("SELECT count(*) FROM {}.messages WHERE payload LIKE %s")
+                      .format(sql.Identifier(env["schema"])), (f"%{result.id}%",)).fetchone()[0]
+    assert left == 0
+    assert json.loads(row["message"])["headers"]["id"] == result.id  # the whole original message
+
+
+def set_switch(db, env, failing):
+    db.execute(sql.SQL("INSERT INTO {}.switches VALUES ('switchable', %s) ON CONFLICT (name) "
+                       "DO UPDATE SET failing = EXCLUDED.failing").format(sql.Identifier(env["schema"])),
+               (failing,))
+
+
+def test_requeue_success_resolves_and_failure_updates_the_same_row(worker, client, db, env):
+    """A5 + L2: the requeued message is linked to its row."""
+    dlq = DLQ(client)
+    set_switch(db, env, True)
+    result = client.send_task("dlq_app.switchable", (8,))
+    row = wait_until(lambda: dlq_row(db, env["schema"], result.id), what="DLQ row")
+
+    set_switch(db, env, False)
+    assert [r.requeued for r in dlq.requeue([row["id"]], note="fixed")] == [True]
+    wait_until(lambda: dlq_row(db, env["schema"], result.id)["status"] == "resolved", what="resolved")
+    assert len(runs(db, env["schema"], result.id)) == 2
+
+    set_switch(db, env, True)
+    assert [r.requeued for r in dlq.requeue([row["id"]])] == [False]  # resolved: not again by accident
+    assert [r.requeued for r in dlq.requeue([row["id"]], force=True)] == [True]
+    again = wait_until(lambda: (lambda r: r if r["failure_count"] == 2 else None)(
+        dlq_row(db, env["schema"], result.id)), what="second failure")
+    assert again["id"] == row["id"] and again["status"] == "dead"
+    assert db.execute(sql.SQL("SELECT count(*) FROM {}.dlq WHERE task_id = %s")
+                      .format(sql.Identifier(env["schema"])), (result.id,)).fetchone()[0] == 1
+    assert dlq.show(row["id"])["notes"] == ["fixed"]
+
+
+def test_failed_dlq_write_is_logged_and_swept_later(worker, client, db, env):
+    """R5: the DLQ table is locked (a blip): the write fails loudly; the backstop sweep
+    captures the FAILURE result afterwards."""
+    with psycopg.connect(env["url"]) as blocker:
+        blocker.execute(sql.SQL("LOCK TABLE {}.dlq IN ACCESS EXCLUSIVE MODE")
+                        .format(sql.Identifier(env["schema"])))
+        result = client.send_task("dlq_app.permanent", (9,))
+        worker.wait_for_line(f"DLQ WRITE FAILED for task dlq_app.permanent[{result.id}]", timeout=30)
+        blocker.rollback()
+    row = wait_until(lambda: dlq_row(db, env["schema"], result.id), what="backstop capture")
+    assert row["source"] == "backstop" and row["reason"] == "non_retryable"
+    assert row["exception_type"].endswith("PermanentError")
+    assert DLQ(client).reap()["swept"] == 0  # nothing twice
+
+
+def test_metrics_count_every_capture_across_pool_children(worker, client, db, env):
+    """M2 + M3: captures made in prefork children, the main process and the reaper are all
+    counted (database-derived, read at scrape time)."""
+    registry = CollectorRegistry()
+    registry.register(DLQCollector(client))
+    text = generate_latest(registry).decode()
+    captured = db.execute(sql.SQL("SELECT coalesce(sum(failure_count), 0) FROM {}.dlq")
+                          .format(sql.Identifier(env["schema"]))).fetchone()[0]
+    added = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("celery_dlq_added_total{"))
+    assert captured > 0 and added == captured
+    for reason in ("non_retryable", "retries_exhausted", "max_deliveries", "rejected"):
+        assert f'reason="{reason}"' in text

@@ -16,6 +16,7 @@ import os
 import socket
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 from queue import Empty
 from time import monotonic
 from typing import Any
@@ -199,28 +200,28 @@ class Channel(virtual.Channel):
     def basic_publish(self, message, exchange, routing_key, **kwargs):
         """Route, insert and (debounced) notify in one statement; durable on return."""
         self._inplace_augment_message(message, exchange, routing_key)
-        payload = dumps(message)
-        priority = self._get_message_priority(message)
-        ttl = _ttl_seconds(message)
+        row = _Row.from_message(message, self._get_message_priority(message))
         if not exchange:
             queue = routing_key or self.deadletter_queue
             if not queue:
                 # AMQP would drop it silently; refusing keeps the message with its sender.
                 raise ValueError("publish to the default exchange needs a routing key (the queue name)")
-            self._insert(queue, payload, priority, ttl)
+            self._insert(queue, row)
             return
-        queues = self.store.publish_routed(exchange, routing_key, payload, priority=priority, ttl=ttl)
+        queues = self.store.publish_routed(exchange, routing_key, row.payload, priority=row.priority,
+                                           ttl=row.ttl, serial_key=row.serial_key)
         if not queues and self.deadletter_queue:
             logger.warning("kombu-pg: no route for exchange=%r routing_key=%r; sent to %r",
                            exchange, routing_key, self.deadletter_queue)
-            self._insert(self.deadletter_queue, payload, priority, ttl)
+            self._insert(self.deadletter_queue, row)
 
-    def _insert(self, queue: str, payload: str, priority: int, ttl: float | None) -> None:
+    def _insert(self, queue: str, row: "_Row") -> None:
         notify = self.connection.debouncer.should_notify(queue)
-        self.store.publish(queue, payload, priority=priority, ttl=ttl, notify=notify)
+        self.store.publish(queue, row.payload, priority=row.priority, ttl=row.ttl,
+                           serial_key=row.serial_key, notify=notify)
 
     def _put(self, queue, message, **kwargs):
-        self._insert(queue, dumps(message), self._get_message_priority(message), _ttl_seconds(message))
+        self._insert(queue, _Row.from_message(message, self._get_message_priority(message)))
 
     # -- consume ----------------------------------------------------------------
 
@@ -265,18 +266,17 @@ class Channel(virtual.Channel):
         """Claim up to ``limit`` messages of ``queue`` as Kombu payloads, best first."""
         if no_ack is None:
             no_ack = queue in self._noack_queues
-        max_deliveries = self.connection.options.max_deliveries
+        rows = self.store.claim(queue, limit, self.connection.consumer_id(),
+                                max_deliveries=self.connection.options.max_deliveries)
         if no_ack:
-            rows = self.store.claim_no_ack(queue, limit, max_deliveries=max_deliveries)
-        else:
-            rows = self.store.claim(queue, limit, self.connection.consumer_id(),
-                                    max_deliveries=max_deliveries)
+            # Nobody will ack: done with them as soon as they are handed over.
+            self.store.ack([row.token for row in rows])
         messages = []
         for row in rows:
             try:
                 messages.append(self._to_payload(row))
             except InvalidMessage as exc:
-                self._set_aside(queue, row, exc)
+                self._set_aside(queue, row, exc, no_ack)
         return messages
 
     def _to_payload(self, row: Claimed) -> dict:
@@ -299,20 +299,20 @@ class Channel(virtual.Channel):
                 raise InvalidMessage("message body is not valid base64") from None
         elif encoding not in (None, "base64", "utf-8") and encoding not in self.codecs:
             raise InvalidMessage(f"unknown body encoding {encoding!r}")
-        properties["delivery_tag"] = row.token or f"noack-{row.id}"
+        properties["delivery_tag"] = row.token
         delivery_info = properties.setdefault("delivery_info", {})
         if not isinstance(delivery_info, dict):
             raise InvalidMessage("delivery_info is not a mapping")
         delivery_info["redelivered"] = row.delivery_count > 1
         return payload
 
-    def _set_aside(self, queue: str, row: Claimed, exc: InvalidMessage) -> None:
+    def _set_aside(self, queue: str, row: Claimed, exc: InvalidMessage, no_ack: bool) -> None:
         logger.error("kombu-pg: message %s in queue %r is not a valid Kombu message (%s); "
                      "moved to %s.invalid_messages", row.id, queue, exc, self.store.schema)
-        if row.token is not None:
-            self.store.quarantine(row.token, str(exc))
-        else:  # a no-ack claim already removed it: keep it all the same
+        if no_ack:  # already removed from its queue: keep it all the same
             self.store.set_aside(row.id, queue, row.payload, str(exc))
+        else:
+            self.store.quarantine(row.token, str(exc))
 
     def deliver_batch(self, queue: str, callback) -> int:
         """Claim as many messages as the prefetch headroom allows and deliver them."""
@@ -686,7 +686,32 @@ class Transport(virtual.Transport):
         self._fetch_pending()
 
 
+#: Message header naming the serial key: one message per key in flight, cluster-wide.
+SERIAL_KEY_HEADER = "serial_key"
+
+
+@dataclass(frozen=True)
+class _Row:
+    """What a Kombu message becomes in the messages table."""
+
+    payload: str
+    priority: int
+    ttl: float | None
+    serial_key: str | None
+
+    @classmethod
+    def from_message(cls, message: dict, priority: int) -> "_Row":
+        serial_key = (message.get("headers") or {}).get(SERIAL_KEY_HEADER)
+        return cls(
+            payload=dumps(message),
+            priority=priority,
+            ttl=_ttl_seconds(message),
+            serial_key=None if serial_key in (None, "") else str(serial_key),
+        )
+
+
 def _ttl_seconds(message: dict) -> float | None:
+    # Kombu carries a per-message TTL as milliseconds in a string, AMQP style.
     expiration = message["properties"].get("expiration")
     if expiration is None:
         return None

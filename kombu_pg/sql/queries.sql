@@ -99,39 +99,10 @@ WITH targets AS (
 SELECT queue, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, queue) END FROM inserted
 
 -- name: claim
--- Lock up to %(limit)s ready messages of one queue for this consumer, best first.
-WITH candidates AS (
-    SELECT id FROM {schema}.messages
-    WHERE queue = %(queue)s AND lock_token IS NULL AND visible_at IS NULL AND serial_key IS NULL
-      AND (expires_at IS NULL OR expires_at > now())
-      -- Poison messages stay, unlocked, for the dead-letter reaper.
-      AND delivery_count < coalesce(%(max_deliveries)s, 2147483647)
-    ORDER BY priority DESC, id
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE {schema}.messages m
-SET lock_token = gen_random_uuid(), locked_by = %(consumer)s, locked_at = now(),
-    delivery_count = m.delivery_count + 1
-FROM candidates c
-WHERE m.id = c.id
-RETURNING m.id, m.priority, m.payload, m.lock_token, m.delivery_count
-
--- name: claim_no_ack
--- Take up to %(limit)s ready messages of one queue for a consumer that never acks.
-WITH candidates AS (
-    SELECT id FROM {schema}.messages
-    WHERE queue = %(queue)s AND lock_token IS NULL AND visible_at IS NULL AND serial_key IS NULL
-      AND (expires_at IS NULL OR expires_at > now())
-      AND delivery_count < coalesce(%(max_deliveries)s, 2147483647)
-    ORDER BY priority DESC, id
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-)
-DELETE FROM {schema}.messages m
-USING candidates c
-WHERE m.id = c.id
-RETURNING m.id, m.priority, m.payload, NULL::uuid, m.delivery_count + 1
+-- Lock up to `limit` ready messages of one queue for this consumer (see the claim
+-- function in migration 0004 for the serial-key protocol).
+SELECT * FROM {schema}.claim(%(queue)s, %(limit)s, %(consumer)s,
+                             coalesce(%(max_deliveries)s, 2147483647), hashtext(%(namespace)s))
 
 -- name: ack
 DELETE FROM {schema}.messages WHERE lock_token = ANY(%(tokens)s::uuid[])

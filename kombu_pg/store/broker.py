@@ -49,6 +49,7 @@ class BrokerStore:
         #: NOTIFY channel for "queue X has work"; the payload is the queue name.
         self.channel = f"{schema}:queues"
         self._namespace = schema
+        self._serial_namespace = f"{schema}:serial"
 
     # -- helpers ---------------------------------------------------------------
 
@@ -187,17 +188,13 @@ class BrokerStore:
     def claim(self, queue: str, limit: int, consumer_id: int, *, max_deliveries: int | None = None) -> list[Claimed]:
         """Lock up to ``limit`` ready messages, returned best first (priority, then age).
 
-        Messages already delivered ``max_deliveries`` times are skipped (poison).
+        At most one message per serial key is in flight across all consumers; messages
+        already delivered ``max_deliveries`` times are skipped (poison).
         """
         rows = self._exec(
-            "claim", dict(queue=queue, limit=limit, consumer=consumer_id, max_deliveries=max_deliveries)
-        ).fetchall()
-        return _in_claim_order(rows)
-
-    def claim_no_ack(self, queue: str, limit: int, *, max_deliveries: int | None = None) -> list[Claimed]:
-        """Remove and return up to ``limit`` ready messages (for consumers that never ack)."""
-        rows = self._exec(
-            "claim_no_ack", dict(queue=queue, limit=limit, max_deliveries=max_deliveries)
+            "claim",
+            dict(queue=queue, limit=limit, consumer=consumer_id, max_deliveries=max_deliveries,
+                 namespace=self._serial_namespace),
         ).fetchall()
         return _in_claim_order(rows)
 

@@ -6,7 +6,7 @@ import importlib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from kombu import Connection
+from kombu import Connection, Exchange, Queue
 
 from .pg import Database, with_scheme
 
@@ -53,33 +53,46 @@ def build(db: Database, redis_url: str, amqp_url: str, groups: set[str]) -> list
     pg_backend, pg_backend_label = _kombu_pg_backend(pg, sqla_db)
     candidates = [
         Broker(
-            "kombu_pg",
-            "kombu_pg",
-            "kombu_pg (`postgresql://`)",
-            pg,
-            {},
-            pg_backend,
-            pg_backend_label,
+            key="kombu_pg",
+            group="kombu_pg",
+            label="kombu_pg (`postgresql://`)",
+            url=pg,
+            backend=pg_backend,
+            backend_label=pg_backend_label,
         ),
         Broker(
-            "sqla",
-            "sqla",
-            "Kombu SQLAlchemy transport (`sqla+postgresql+psycopg://`)",
-            "sqla+" + sqla_db,
-            dict(SQLA_TABLES),
-            "db+" + sqla_db,
-            "SQLAlchemy database backend",
+            key="sqla",
+            group="sqla",
+            label="Kombu SQLAlchemy transport (`sqla+postgresql+psycopg://`)",
+            url="sqla+" + sqla_db,
+            transport_options=dict(SQLA_TABLES),
+            backend="db+" + sqla_db,
+            backend_label="SQLAlchemy database backend",
         ),
-        Broker("redis", "redis", "Redis", redis_url, {}, redis_url, "Redis"),
-        Broker("amqp", "amqp", "RabbitMQ (no publisher confirms)", amqp_url, {}, "rpc://", "rpc"),
-        # Celery level skips this one (backend None), as in BASELINE.md: the worker side
+        Broker(
+            key="redis",
+            group="redis",
+            label="Redis",
+            url=redis_url,
+            backend=redis_url,
+            backend_label="Redis",
+        ),
+        Broker(
+            key="amqp",
+            group="amqp",
+            label="RabbitMQ (no publisher confirms)",
+            url=amqp_url,
+            backend="rpc://",
+            backend_label="rpc",
+        ),
+        # No Celery level for this one (backend None), as in BASELINE.md: the worker side
         # does not change with confirms, and the Kombu row already shows the publish cost.
         Broker(
-            "amqp_confirm",
-            "amqp",
-            "RabbitMQ with `confirm_publish`",
-            amqp_url,
-            {"confirm_publish": True},
+            key="amqp_confirm",
+            group="amqp",
+            label="RabbitMQ with `confirm_publish`",
+            url=amqp_url,
+            transport_options={"confirm_publish": True},
         ),
     ]
     chosen = [b for b in candidates if b.group in groups]
@@ -102,7 +115,9 @@ def _kombu_pg_backend(pg_url: str, sqla_db: str) -> tuple[str, str]:
 def _with_reachability(broker: Broker) -> Broker:
     try:
         with broker.connection() as conn:
-            conn.ensure_connection(max_retries=1)
+            conn.ensure_connection(
+                max_retries=1, interval_start=0.2, interval_step=0, interval_max=0.2
+            )
     except Exception as exc:
         return replace(
             broker,
@@ -117,8 +132,6 @@ def delete_entities(broker: Broker, names: list[str]) -> None:
     On the PostgreSQL brokers this is tidiness; the scratch database goes anyway.  On Redis
     and RabbitMQ it is the only cleanup, since those servers are shared.
     """
-    from kombu import Exchange, Queue
-
     with broker.connection() as conn:
         channel = conn.channel()
         for name in names:

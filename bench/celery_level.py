@@ -44,10 +44,10 @@ _SAMPLE_TIMEOUT_S = 10.0  # one latency sample; beyond this it counts as lost
 
 _THROUGHPUT = [Metric("publish", "publish tasks/s"), Metric("drain", "worker drain tasks/s")]
 _LATENCY = [
-    Metric("pickup_p50", "pickup p50 ms", higher_is_better=False, unit="ms"),
-    Metric("pickup_p95", "pickup p95 ms", higher_is_better=False, unit="ms"),
-    Metric("roundtrip_p50", "`delay().get()` p50 ms", higher_is_better=False, unit="ms"),
-    Metric("roundtrip_p95", "`delay().get()` p95 ms", higher_is_better=False, unit="ms"),
+    Metric("pickup_p50", "pickup p50 ms", unit="ms"),
+    Metric("pickup_p95", "pickup p95 ms", unit="ms"),
+    Metric("roundtrip_p50", "`delay().get()` p50 ms", unit="ms"),
+    Metric("roundtrip_p95", "`delay().get()` p95 ms", unit="ms"),
 ]
 
 
@@ -103,9 +103,19 @@ def run_celery(ctx: Context, broker: Broker, pool: Pool, *, with_latency: bool) 
             if with_latency and "drain" in out.values:
                 _latencies(ctx, app, f"{queue}-pickup", out)
     finally:
-        app.close()
+        _close(app)
         delete_entities(broker, [queue])
     return out
+
+
+def _close(app: Celery) -> None:
+    """Close the app's broker and backend connections now: ``Celery.close()`` only drops
+    its pool, leaving sessions (and the rpc reply consumer) idle through later scenarios."""
+    app.pool.force_close_all()
+    close_backend = getattr(app.backend, "close", None)  # not every backend has one
+    if callable(close_backend):
+        close_backend()
+    app.close()
 
 
 def _publish(app: Celery, phase: str, n: int) -> float:
@@ -128,7 +138,9 @@ def _drain(ctx: Context, worker: Worker, phase: str, out: Measured) -> None:
     n = ctx.params.tasks
     count = ctx.probe.wait_count(phase, n, ctx.params.stall_timeout_s, worker.alive)
     if count < n:
-        out.notes.append(f"drain stalled: {count} of {n} tasks ran")
+        dropped = ctx.probe.dropped()
+        lost = f" ({dropped} reports dropped: raise net.core.rmem_max)" if dropped else ""
+        out.notes.append(f"drain stalled: {count} of {n} tasks reported{lost}")
         progress(f"  drain stalled; worker log ends:\n{worker.log_tail()}")
         return
     last_end = max(end for _, end in ctx.probe.tasks(phase).values())

@@ -154,7 +154,7 @@ def _main(argv: list[str] | None) -> int:
         sections = [(s, [run_one(ctx, s, b) for b in selected if s.applies(b)]) for s in scenarios]
     print(markdown(info, sections))
     if args.json:
-        args.json.write_text(to_json(info, sections))
+        args.json.write_text(to_json(info, params, sections))
         progress(f"wrote {args.json}")
     return 0
 

@@ -74,6 +74,19 @@ class Probe:
                 self._ready.setdefault(fields[0], float(fields[2]))
             self._cond.notify_all()
 
+    def dropped(self) -> int | None:
+        """Datagrams the kernel dropped for want of buffer space (Linux), else None."""
+        port = f"{self._sock.getsockname()[1]:04X}"
+        try:
+            with open("/proc/net/udp") as table:
+                for line in table.readlines()[1:]:
+                    fields = line.split()
+                    if fields[1].endswith(":" + port):
+                        return int(fields[-1])
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
+
     # -- reading -------------------------------------------------------------
 
     def tasks(self, phase: str) -> dict[int, tuple[float, float]]:

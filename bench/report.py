@@ -6,7 +6,7 @@ import json
 import os
 import platform
 import subprocess
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -33,11 +33,9 @@ class Row:
     @property
     def status(self) -> str | None:
         """Why there are no numbers, if there are none."""
-        return (
-            f"skipped: {self.broker.skip}"
-            if self.broker.skip
-            else (f"failed: {self.error}" if self.error else None)
-        )
+        if self.broker.skip:
+            return f"skipped: {self.broker.skip}"
+        return f"failed: {self.error}" if self.error else None
 
 
 def package_versions() -> dict[str, str]:
@@ -130,6 +128,8 @@ def markdown_table(scenario: Scenario, rows: list[Row]) -> str:
     for row in rows:
         notes = row.status or "; ".join(row.measured.notes if row.measured else [])
         cells = [_cell(row, m, reference) for m in scenario.metrics]
+        # A "|" in a note (an error message, a log line) would split the Markdown cell.
+        notes = notes.replace("|", "\\|")
         lines.append(f"| {scenario.row_label(row.broker)} | " + " | ".join(cells) + f" | {notes} |")
     return "\n".join(lines)
 
@@ -143,7 +143,9 @@ def markdown(info: dict[str, Any], sections: list[tuple[Scenario, list[Row]]]) -
     return "\n".join(parts)
 
 
-def to_json(info: dict[str, Any], sections: list[tuple[Scenario, list[Row]]]) -> str:
+def to_json(
+    info: dict[str, Any], params: Params, sections: list[tuple[Scenario, list[Row]]]
+) -> str:
     results = []
     for scenario, rows in sections:
         reference = _reference(rows)
@@ -161,4 +163,5 @@ def to_json(info: dict[str, Any], sections: list[tuple[Scenario, list[Row]]]) ->
                     "status": row.status,
                 }
             )
-    return json.dumps({"run": info, "results": results}, indent=2)
+    run = {**info, "params": asdict(params)}
+    return json.dumps({"run": run, "results": results}, indent=2)

@@ -24,8 +24,7 @@ from .probe import Probe
 class Metric:
     key: str
     header: str
-    #: Throughputs: higher is better; latencies: lower is better (the legend says so).
-    higher_is_better: bool = True
+    #: "/s" (throughput, higher is better) or "ms" (latency, lower is better).
     unit: str = "/s"
 
 

@@ -209,3 +209,43 @@ SELECT name FROM expired
 INSERT INTO {schema}.invalid_messages (id, queue, payload, error)
 VALUES (%(id)s, %(queue)s, %(payload)s, %(error)s)
 ON CONFLICT (id) DO NOTHING
+
+-- name: queue_stats
+-- One row per queue that is declared or has messages: what an operator wants to see.
+WITH names AS (
+    SELECT name AS queue FROM {schema}.queues
+    UNION
+    SELECT DISTINCT queue FROM {schema}.messages
+)
+SELECT n.queue,
+       count(m.id) FILTER (WHERE m.lock_token IS NULL AND m.visible_at IS NULL
+                             AND m.delivery_count < coalesce(%(max_deliveries)s, 2147483647)) AS ready,
+       count(m.id) FILTER (WHERE m.lock_token IS NOT NULL) AS in_flight,
+       count(m.id) FILTER (WHERE m.lock_token IS NULL AND m.visible_at IS NOT NULL) AS delayed,
+       count(m.id) FILTER (WHERE m.lock_token IS NULL
+                             AND m.delivery_count >= coalesce(%(max_deliveries)s, 2147483647)) AS poison,
+       extract(epoch FROM now() - min(m.created_at) FILTER (WHERE m.lock_token IS NULL)) AS oldest_age,
+       count(DISTINCT m.locked_by) FILTER (WHERE m.lock_token IS NOT NULL) AS consumers_holding,
+       count(DISTINCT m.serial_key) FILTER (WHERE m.lock_token IS NOT NULL) AS keys_in_flight,
+       count(DISTINCT m.serial_key) FILTER (WHERE m.lock_token IS NULL) AS keys_waiting
+FROM names n LEFT JOIN {schema}.messages m ON m.queue = n.queue
+GROUP BY n.queue
+ORDER BY n.queue
+
+-- name: serial_key_stats
+-- Keys with messages, busiest first: whether one is in flight and how many wait.
+SELECT serial_key, queue,
+       bool_or(lock_token IS NOT NULL) AS in_flight,
+       count(*) FILTER (WHERE lock_token IS NULL) AS waiting,
+       extract(epoch FROM now() - min(created_at)) AS oldest_age
+FROM {schema}.messages
+WHERE serial_key IS NOT NULL
+GROUP BY serial_key, queue
+ORDER BY count(*) DESC, serial_key
+LIMIT %(limit)s
+
+-- name: consumer_list
+SELECT id, hostname, pid, backend_pid, started_at FROM {schema}.consumers ORDER BY id
+
+-- name: invalid_count
+SELECT count(*) FROM {schema}.invalid_messages

@@ -228,6 +228,20 @@ class BrokerStore:
         if queues:
             self._exec("notify", {"channel": self.channel, "queues": queues})
 
+    # -- status ---------------------------------------------------------------------
+
+    def queue_stats(self, max_deliveries: int | None = None) -> list[dict]:
+        return _dicts(self._exec("queue_stats", {"max_deliveries": max_deliveries}))
+
+    def serial_key_stats(self, limit: int = 50) -> list[dict]:
+        return _dicts(self._exec("serial_key_stats", {"limit": limit}))
+
+    def consumers(self) -> list[dict]:
+        return _dicts(self._exec("consumer_list"))
+
+    def invalid_count(self) -> int:
+        return int(self._scalar("invalid_count"))
+
     # -- consumers and recovery ----------------------------------------------------
 
     def register_consumer(self, hostname: str | None = None, pid: int | None = None) -> int:
@@ -279,6 +293,11 @@ class BrokerStore:
                 report.released,
             )
         return report
+
+
+def _dicts(cursor: psycopg.Cursor) -> list[dict]:
+    names = [c.name for c in cursor.description]
+    return [dict(zip(names, row)) for row in cursor]
 
 
 def _in_claim_order(rows: list[tuple]) -> list[Claimed]:

@@ -1,0 +1,157 @@
+"""``celery -A proj pg …`` (and the standalone ``kombu-pg …``): schema and status commands.
+
+Exit codes: 0 success, 1 an error reported by the command (e.g. the database is
+unreachable), 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import click
+import psycopg
+
+from .config import ConfigurationError, Options, build_conninfo
+from .store import BrokerStore, apply_migrations, connect, current_version, migration_sql
+from .store.migrations import all_migrations
+
+
+@dataclass
+class Target:
+    conninfo: str
+    options: Options
+
+    @classmethod
+    def resolve(cls, ctx: click.Context, *, need_database: bool = True) -> "Target":
+        """The database and options: --url/--schema, else the Celery app's broker settings."""
+        url, schema = ctx.meta["kombu_pg.target"]
+        app = getattr(ctx.obj, "app", None)
+        raw: dict[str, Any] = dict(app.conf.broker_transport_options or {}) if app is not None else {}
+        if url is None and app is not None:
+            url = app.conf.broker_url
+        url = url or os.environ.get("KOMBU_PG_URL")
+        if schema:
+            raw["schema"] = schema
+        try:
+            options = Options.from_mapping(raw)
+            if not url:
+                if need_database:
+                    raise click.UsageError("no database: pass --url, set KOMBU_PG_URL or use celery -A <app>")
+                return cls("", options)
+            return cls(build_conninfo(url, extra=options.connect_kwargs), options)
+        except ConfigurationError as exc:
+            raise click.UsageError(str(exc)) from None
+
+    def connect(self) -> psycopg.Connection:
+        try:
+            return connect(self.conninfo)
+        except psycopg.OperationalError as exc:
+            raise click.ClickException(f"cannot connect: {exc}") from None
+
+
+@click.group(name="pg")
+@click.option("--url", help="PostgreSQL URL (default: the app's broker_url or $KOMBU_PG_URL).")
+@click.option("--schema", help="Schema (default: the app's broker_transport_options or kombu_pg).")
+@click.pass_context
+def pg(ctx: click.Context, url: str | None, schema: str | None) -> None:
+    """kombu-pg: PostgreSQL broker schema and status."""
+    ctx.meta["kombu_pg.target"] = (url, schema)
+
+
+@pg.command()
+@click.option("--print", "print_only", is_flag=True, help="Print the SQL for a DBA instead of applying it.")
+@click.pass_context
+def migrate(ctx: click.Context, print_only: bool) -> None:
+    """Create or upgrade the kombu-pg tables (idempotent, under an advisory lock)."""
+    target = Target.resolve(ctx, need_database=not print_only)
+    schema = target.options.schema
+    if print_only:
+        click.echo(migration_sql(schema), nl=False)
+        return
+    with target.connect() as conn:
+        applied = apply_migrations(conn, schema)
+    if applied:
+        click.echo(f"schema {schema}: applied migration(s) {', '.join(map(str, applied))}")
+    else:
+        click.echo(f"schema {schema}: up to date (version {all_migrations()[-1].version})")
+
+
+@pg.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--keys", default=20, show_default=True, help="How many serial keys to list.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool, keys: int) -> None:
+    """Queues (ready, in flight, delayed, poison, oldest age), consumers and serial keys."""
+    target = Target.resolve(ctx)
+    schema = target.options.schema
+    with target.connect() as conn:
+        version = current_version(conn, schema)
+        if version == 0:
+            raise click.ClickException(f"schema {schema!r} has no kombu-pg tables; run `pg migrate`")
+        store = BrokerStore(conn, schema)
+        report = {
+            "schema": schema,
+            "schema_version": version,
+            "queues": store.queue_stats(target.options.max_deliveries),
+            "consumers": store.consumers(),
+            "serial_keys": store.serial_key_stats(keys),
+            "invalid_messages": store.invalid_count(),
+            "dead_letters": _dead_letters(conn, schema),
+        }
+    if as_json:
+        click.echo(json.dumps(report, default=_json_default, indent=2))
+    else:
+        _print_status(report)
+
+
+def _dead_letters(conn: psycopg.Connection, schema: str) -> int | None:
+    # The DLQ table belongs to celery_dlq's migration; report None where it is absent.
+    exists = conn.execute("SELECT to_regclass(format('%%I.dlq', %s::text)) IS NOT NULL", (schema,)).fetchone()[0]
+    if not exists:
+        return None
+    query = psycopg.sql.SQL("SELECT count(*) FROM {}.dlq WHERE status = 'dead'").format(psycopg.sql.Identifier(schema))
+    return conn.execute(query).fetchone()[0]
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return float(value)
+
+
+def _print_status(report: dict) -> None:
+    click.echo(f"schema {report['schema']} (version {report['schema_version']})")
+    columns = ["queue", "ready", "in_flight", "delayed", "poison", "oldest_age", "consumers_holding",
+               "keys_in_flight", "keys_waiting"]
+    rows = [[_cell(q[c]) for c in columns] for q in report["queues"]]
+    _table(columns, rows)
+    click.echo(f"consumers: {len(report['consumers'])}  invalid messages: {report['invalid_messages']}  "
+               f"dead letters: {'n/a' if report['dead_letters'] is None else report['dead_letters']}")
+    if report["serial_keys"]:
+        click.echo("serial keys (busiest first):")
+        columns = ["serial_key", "queue", "in_flight", "waiting", "oldest_age"]
+        _table(columns, [[_cell(k[c]) for c in columns] for k in report["serial_keys"]])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) or hasattr(value, "as_integer_ratio") and not isinstance(value, int):
+        return f"{float(value):.1f}s"
+    return str(value)
+
+
+def _table(columns: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in rows:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def main() -> None:
+    """Entry point of the standalone ``kombu-pg`` command."""
+    pg(prog_name="kombu-pg")

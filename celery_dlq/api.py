@@ -116,10 +116,11 @@ class DLQ:
             chain=embed.get("chain"), chord=embed.get("chord"),
             priority=call["priority"],
         )
-        if row["exchange"] is not None:
+        if row["exchange"]:  # routed as it was originally
             options["exchange"] = row["exchange"]
-        if row["routing_key"]:
-            options["routing_key"] = row["routing_key"]
+            options["routing_key"] = row["routing_key"] or ""
+        elif row["queue"]:  # the default exchange: straight to the queue
+            options["queue"] = row["queue"]
         timelimit = h.get("timelimit") or (None, None)
         if isinstance(timelimit, (list, tuple)) and len(timelimit) == 2:
             options["time_limit"], options["soft_time_limit"] = timelimit

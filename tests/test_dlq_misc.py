@@ -1,0 +1,219 @@
+"""Settings, the reaping loop (B2), retry presets, metric labels (M1), requeue with
+another broker (A4), the retry guard in-process."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+
+import psycopg
+import pytest
+from celery import Celery
+from prometheus_client import CollectorRegistry, generate_latest
+from psycopg import sql
+
+import celery_dlq
+from celery_dlq import DLQ, PRESETS, NonRetryable, retry_policy
+from celery_dlq.config import load
+from celery_dlq.metrics import DLQCollector
+from celery_dlq.reaper import ReaperLoop
+from celery_dlq.store import DLQStore, Entry
+from kombu_pg.config import ConfigurationError
+from kombu_pg.store import apply_migrations
+
+from .test_dlq_store import kombu_message
+
+
+# -- settings ----------------------------------------------------------------------------
+
+
+def test_settings_default_to_the_kombu_pg_broker_and_refuse_typos(pg_url):
+    app = Celery("s", broker=pg_url, set_as_current=False)
+    app.conf.broker_transport_options = {"schema": "myschema", "max_deliveries": 4}
+    s = load(app)
+    assert (s.database_url, s.schema, s.max_deliveries, s.atomic) == (pg_url, "myschema", 4, True)
+    app.conf.dlq_max_delivries = 3  # a typo must not silently do nothing
+    with pytest.raises(ConfigurationError, match="dlq_max_delivries"):
+        load(app)
+
+
+def test_another_broker_needs_a_database_url(pg_url):
+    app = Celery("s", broker="memory://", set_as_current=False)
+    with pytest.raises(ConfigurationError, match="dlq_database_url"):
+        load(app)
+    app.conf.dlq_database_url = pg_url
+    app.conf.dlq_non_retryable_exceptions = ["celery_dlq.NonRetryable"]
+    s = load(app)
+    assert not s.atomic and s.max_deliveries is None and s.non_retryable == (NonRetryable,)
+
+
+# -- B2: the standalone loop ----------------------------------------------------------------
+
+
+def test_reaper_loop_backs_off_exponentially_capped_and_resets():
+    outcomes = iter([False] * 7 + [True, False, True])
+    calls, waits = [], []
+
+    def reap():
+        calls.append(len(waits))  # how many waits happened before this pass
+        if not next(outcomes):
+            raise psycopg.OperationalError("server closed the connection")
+
+    def wait(delay):
+        waits.append(delay)
+        return len(waits) >= 10  # "stop requested" after ten passes
+
+    ReaperLoop(reap, 2.0, wait=wait).run()
+    assert calls[0] == 0  # the first pass runs immediately
+    assert waits == [4, 8, 16, 32, 64, 64, 64, 2, 4, 2]  # 2 * 2^k, capped at 32x; reset on success
+
+
+def test_reaper_loop_stops_promptly():
+    started = threading.Event()
+    loop = ReaperLoop(started.set, 3600)
+    thread = threading.Thread(target=loop.run)
+    thread.start()
+    assert started.wait(10)
+    loop.stop()
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+# -- retry presets ------------------------------------------------------------------------------
+
+
+def test_presets_map_attempts_to_celery_options():
+    assert retry_policy("fast") == {"max_retries": 2, "retry_backoff": 1, "retry_backoff_max": 10,
+                                    "retry_jitter": True}
+    assert PRESETS["default"].delays() == [2, 4, 8, 16]
+    assert PRESETS["conservative"].delays() == [30, 60, 120]
+    assert PRESETS["aggressive"].delays() == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    assert retry_policy("aggressive", jitter=False)["retry_jitter"] is False
+    with pytest.raises(ValueError):
+        retry_policy("reckless")
+
+
+def test_celery_applies_the_preset_countdowns(pg_url, schema):
+    """R2 in-process: the countdown Celery computes for each retry is the preset's delay."""
+    app = Celery("r", broker="memory://", set_as_current=False)
+    app.conf.update(dlq_database_url=pg_url, dlq_schema=schema, task_always_eager=False)
+    celery_dlq.install(app)
+    seen = []
+
+    @app.task(bind=True, autoretry_for=(IOError,), **retry_policy("default", jitter=False))
+    def fetch(self):
+        raise IOError("down")
+
+    original_retry = fetch.retry
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("countdown"))
+        kwargs["throw"] = False
+        return original_retry(*args, **kwargs)
+
+    fetch.retry = spy
+    for retries in range(4):
+        fetch.push_request(retries=retries, id=str(uuid.uuid4()), called_directly=False)
+        try:
+            fetch.run()
+        except Exception:
+            pass
+        finally:
+            fetch.pop_request()
+    assert seen == PRESETS["default"].delays()
+
+
+# -- M1: bounded labels ----------------------------------------------------------------------------
+
+
+def test_metric_labels_come_from_fixed_sets(pg_url, schema):
+    app = Celery("m", broker=pg_url, set_as_current=False)
+    app.conf.broker_transport_options = {"schema": schema}
+
+    @app.task(name="proj.known")
+    def known():
+        pass
+
+    celery_dlq.install(app)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        apply_migrations(conn, schema)
+        store = DLQStore(conn, schema)
+        secret_ids = []
+        for task, key in (("proj.known", None), (f"evil.{uuid.uuid4().hex}", "customer-42"),
+                          ("proj.known", "acct-7")):
+            task_id = str(uuid.uuid4())
+            secret_ids.append(task_id)
+            store.capture(Entry(message=kombu_message(task_id, task), reason="non_retryable",
+                                source="signal", task_id=task_id, task_name=task, serial_key=key,
+                                exception_message="card 4111 declined"))
+    registry = CollectorRegistry()
+    registry.register(DLQCollector(app))
+    text = generate_latest(registry).decode()
+    assert 'celery_dlq_added_total{queue_kind="parallel",reason="non_retryable",task="proj.known"} 1.0' in text
+    assert 'celery_dlq_added_total{queue_kind="serial",reason="non_retryable",task="other"} 1.0' in text
+    assert 'celery_dlq_size{queue_kind="serial",reason="non_retryable",task="proj.known"} 1.0' in text
+    for leaked in [*secret_ids, "customer-42", "acct-7", "evil.", "4111"]:
+        assert leaked not in text
+    app._celery_dlq.close()
+
+
+# -- A4 with another broker ----------------------------------------------------------------------------
+
+
+def test_requeue_with_another_broker_publishes_and_survives_bookkeeping_failure(pg_url, schema):
+    app = Celery("other", broker="memory://", set_as_current=False)
+    app.conf.update(dlq_database_url=pg_url, dlq_schema=schema, dlq_write_timeout=1.0)
+    api = DLQ(app)
+    task_id, queue = str(uuid.uuid4()), f"q-{uuid.uuid4().hex}"
+    row_id = api.runtime.store().capture(Entry(
+        message=kombu_message(task_id, "proj.add", extra_headers={"tenant": "t1"}), reason="non_retryable",
+        source="signal", task_id=task_id, task_name="proj.add", queue=queue, exchange="",
+        routing_key=queue))[0]
+    with app.connection_for_write() as conn:
+        conn.SimpleQueue(queue).close()  # declared, as a worker would have
+    with psycopg.connect(pg_url) as blocker:
+        # SHARE blocks the status UPDATE but not reads: publish works, bookkeeping fails.
+        blocker.execute(sql.SQL("LOCK TABLE {}.dlq IN SHARE MODE").format(sql.Identifier(schema)))
+        [result] = api.requeue([row_id])
+        blocker.rollback()
+    assert result.requeued and "status not updated" in result.detail
+    with app.connection_for_read() as conn:
+        message = conn.SimpleQueue(queue).get(timeout=5)
+        headers = message.headers
+        body = message.decode()
+        message.ack()
+    assert headers["id"] == task_id and headers["task"] == "proj.add"
+    assert headers["dlq_id"] == row_id and headers["tenant"] == "t1"
+    assert body[0] == [1, 2]
+    # The row was not marked, so a second requeue is possible (at-least-once, never lost).
+    assert api.show(row_id)["status"] == "dead"
+    api.close()
+
+
+# -- the retry guard, in-process ------------------------------------------------------------------
+
+
+def test_retry_guard_turns_a_non_retryable_retry_into_a_failure(pg_url, schema):
+    app = Celery("g", broker="memory://", set_as_current=False)
+    app.conf.update(dlq_database_url=pg_url, dlq_schema=schema, task_always_eager=True,
+                    task_eager_propagates=False)
+    celery_dlq.install(app)
+
+    class Declined(NonRetryable):
+        pass
+
+    runs = []
+
+    @app.task(bind=True, autoretry_for=(Exception,), max_retries=5)
+    def charge(self):
+        runs.append(self.request.retries)
+        raise Declined("card declined")
+
+    result = charge.apply()
+    assert result.failed() and isinstance(result.result, NonRetryable)
+    assert runs == [0]
+    row = DLQ(app).list().rows[0]
+    assert (row["reason"], row["retries"]) == ("non_retryable", 0)
+    assert json.loads(DLQ(app).show(row["id"])["message"])["headers"]["task"] == charge.name
+    app._celery_dlq.close()

@@ -61,16 +61,6 @@ def invalid_connection():
     conn.close()
 
 
-#: Kombu acks messages of no_ack consumers too (virtual channels have no
-#: ``no_ack_consumers``); the transport sends their ``noack-<id>`` tag to SQL as a uuid.
-NOACK_ACK_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="transport bug: QoS.ack() of a no_ack delivery (SimpleBuffer) runs "
-           "store.ack(['noack-<id>']) -> InvalidTextRepresentation; fix: QoS.ack/reject "
-           "return early for 'noack-' delivery tags",
-)
-
-
 class TestBasicFunctionality(BasicFunctionality):
     """Run unchanged, plus a stricter error check than kombu's ``raises(Exception)``."""
 
@@ -79,10 +69,6 @@ class TestBasicFunctionality(BasicFunctionality):
             invalid_connection.connect()
         # Kombu and Celery's reconnect logic recognise it as a connection error.
         assert isinstance(info.value, Transport.connection_errors + (OperationalError,))
-
-    @NOACK_ACK_BUG
-    def test_simple_buffer_publish_consume(self, connection):
-        super().test_simple_buffer_publish_consume(connection)
 
 
 class TestExchangeTypes(BaseExchangeTypes):
@@ -99,10 +85,6 @@ class TestTimeToLive(BaseTimeToLive):
 
 class TestPriority(BasePriority):
     PRIORITY_ORDER = "asc"
-
-    @NOACK_ACK_BUG
-    def test_simple_buffer_publish_consume(self, connection):
-        super().test_simple_buffer_publish_consume(connection)
 
 
 class TestEventLoop(BaseEventLoop):

@@ -122,9 +122,10 @@ def _main(argv: list[str] | None) -> int:
     params, scenarios, groups = choose(args)
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     tag = "kpgb" + secrets.token_hex(4)  # distinctive enough to scan Redis keys by
-    progress(
-        f"run {tag}: {'PostgreSQL at the given URL' if args.pg_url else 'embedded PostgreSQL'}"
-    )
+    where = "PostgreSQL at the given URL"
+    if not args.pg_url:
+        where = "an embedded PostgreSQL (pass --pg-url for figures worth publishing)"
+    progress(f"run {tag} on {where}")
     # Everything the run creates is registered for removal the moment it exists, and
     # removed in reverse order whatever happens (error, Ctrl-C, SIGTERM); a failing
     # cleanup step does not stop the others.

@@ -67,7 +67,7 @@ def kombu_test_root(version: str | None = None) -> Path:
         with tarfile.open(archive) as tar:
             members = [m for m in tar.getmembers()
                        if m.name.startswith(f"kombu-{version}/t/") and m.isfile()]
-            if sys.version_info >= (3, 12):
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4 / 3.12
                 tar.extractall(CACHE_DIR, members=members, filter="data")
             else:
                 tar.extractall(CACHE_DIR, members=members)

@@ -174,7 +174,7 @@ def test_ping_round_trip_between_processes(app, worker):
 
 
 def test_celery_status_command(pg_url, mschema, worker):
-    status = CeleryProcess(["-A", "tests.monitor_app", "status", "--timeout", "3"],
+    status = CeleryProcess(["-A", "tests.monitor_app", "status", "--timeout", "2"],
                            process_env(pg_url, mschema), name="celery status").start()
     try:
         assert status.wait_exit(60) == 0, status.output

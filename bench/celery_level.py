@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import kombu.pools
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeout
 
@@ -111,11 +112,13 @@ def run_celery(ctx: Context, broker: Broker, pool: Pool, *, with_latency: bool) 
 def _close(app: Celery) -> None:
     """Close the app's broker and backend connections now: ``Celery.close()`` only drops
     its pool, leaving sessions (and the rpc reply consumer) idle through later scenarios."""
-    app.pool.force_close_all()
     close_backend = getattr(app.backend, "close", None)  # not every backend has one
     if callable(close_backend):
         close_backend()
     app.close()
+    # Broker pools are process-wide in Kombu, keyed by URL, so the next scenario's app
+    # would inherit these connections; nothing else in the bench process uses them.
+    kombu.pools.reset()
 
 
 def _publish(app: Celery, phase: str, n: int) -> float:

@@ -51,9 +51,8 @@ class Database:
                     )
                 )
         finally:
-            if self.embedded is not None:
-                self.embedded.stop()
-                self.embedded = None
+            _stop(self.embedded)
+            self.embedded = None
 
 
 def with_database(url: str, name: str) -> str:
@@ -91,8 +90,19 @@ def create_scratch(url: str | None, tag: str) -> Database:
             row = conn.execute("SHOW server_version").fetchone()
             version = str(row[0]) if row else "unknown"
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    except Exception:
-        if embedded is not None:
-            embedded.stop()
+    except psycopg.errors.InsufficientPrivilege as exc:
+        _stop(embedded)
+        raise SystemExit(
+            f"cannot create the scratch database {name} on {redact(url)}: {exc}\n"
+            "the bench needs a role with CREATEDB (or omit --pg-url/KOMBU_PG_URL to use an "
+            "embedded server)"
+        ) from None
+    except BaseException:
+        _stop(embedded)
         raise
     return Database(with_database(url, name), url, name, version, embedded)
+
+
+def _stop(embedded: EmbeddedPostgres | None) -> None:
+    if embedded is not None:
+        embedded.stop()

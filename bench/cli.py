@@ -146,7 +146,7 @@ def _main(argv: list[str] | None) -> int:
                 tag,
             )
         info = machine_info(
-            f"{db.server_version} ({db.origin})",
+            f"{db.server}, {db.origin}",
             brokers_mod.server_versions(selected),
             params,
             args.quick,

@@ -31,7 +31,7 @@ class Database:
     url: str
     admin_url: str
     name: str
-    server_version: str
+    server: str  # version and the settings that move publish rates most
     embedded: EmbeddedPostgres | None = None  # when the bench started the server
 
     @property
@@ -87,8 +87,7 @@ def create_scratch(url: str | None, tag: str) -> Database:
     name = f"kombu_pg_bench_{tag}"
     try:
         with psycopg.connect(url, autocommit=True) as conn:
-            row = conn.execute("SHOW server_version").fetchone()
-            version = str(row[0]) if row else "unknown"
+            version = _describe_server(conn)
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     except psycopg.errors.InsufficientPrivilege as exc:
         _stop(embedded)
@@ -101,6 +100,21 @@ def create_scratch(url: str | None, tag: str) -> Database:
         _stop(embedded)
         raise
     return Database(with_database(url, name), url, name, version, embedded)
+
+
+# Every publish is a commit, so what a commit costs (WAL flush) sets the publish rate.
+_SETTINGS = ("fsync", "synchronous_commit", "shared_buffers")
+
+
+def _describe_server(conn: psycopg.Connection) -> str:
+    """``15.4 (fsync=on, synchronous_commit=on, shared_buffers=128MB)``."""
+    names = ["server_version", *_SETTINGS]
+    rows = conn.execute(
+        "SELECT name, current_setting(name) FROM unnest(%s::text[]) AS name", (names,)
+    ).fetchall()
+    values: dict[str, str] = dict(rows)
+    settings = ", ".join(f"{name}={values[name]}" for name in _SETTINGS)
+    return f"{values['server_version']} ({settings})"
 
 
 def _stop(embedded: EmbeddedPostgres | None) -> None:

@@ -68,6 +68,9 @@ class Options:
     #: A message delivered this many times is not delivered again (poison); it stays,
     #: unlocked, for the dead-letter reaper.  None turns the limit off.
     max_deliveries: int | None = 10
+    #: Celery ETA/countdown messages stay invisible in the database until due, instead
+    #: of waiting in a worker's memory (and prefetch window).
+    native_delayed_delivery: bool = False
     #: Seconds a producer waits before sending another NOTIFY for the same queue.
     notify_debounce: float = 0.02
     #: Extra keyword arguments for ``psycopg.connect`` (e.g. ``sslrootcert``).
@@ -106,8 +109,9 @@ class Options:
         md = self.max_deliveries
         if md is not None and (not isinstance(md, int) or isinstance(md, bool) or md < 1):
             raise ConfigurationError(f"option 'max_deliveries' must be an integer >= 1 or None, got {md!r}")
-        if not isinstance(self.auto_migrate, bool):
-            raise ConfigurationError("option 'auto_migrate' must be True or False")
+        for name in ("auto_migrate", "native_delayed_delivery"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigurationError(f"option {name!r} must be True or False")
         if not isinstance(self.connect_kwargs, Mapping):
             raise ConfigurationError("option 'connect_kwargs' must be a mapping")
 

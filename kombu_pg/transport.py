@@ -15,8 +15,10 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from queue import Empty
 from time import monotonic
 from typing import Any
@@ -30,6 +32,7 @@ from kombu.utils.scheduling import FairCycle
 
 from .config import Options, build_conninfo, redact
 from .store import BrokerStore, Claimed, apply_migrations, connect
+from .store.broker import DUE_PREFIX
 from .store.wakeups import Listener, NotifyDebouncer
 
 logger = logging.getLogger(__name__)
@@ -200,7 +203,7 @@ class Channel(virtual.Channel):
     def basic_publish(self, message, exchange, routing_key, **kwargs):
         """Route, insert and (debounced) notify in one statement; durable on return."""
         self._inplace_augment_message(message, exchange, routing_key)
-        row = _Row.from_message(message, self._get_message_priority(message))
+        row = self._row(message)
         if not exchange:
             queue = routing_key or self.deadletter_queue
             if not queue:
@@ -209,19 +212,25 @@ class Channel(virtual.Channel):
             self._insert(queue, row)
             return
         queues = self.store.publish_routed(exchange, routing_key, row.payload, priority=row.priority,
-                                           ttl=row.ttl, serial_key=row.serial_key)
+                                           ttl=row.ttl, serial_key=row.serial_key,
+                                           visible_at=row.visible_at)
         if not queues and self.deadletter_queue:
             logger.warning("kombu-pg: no route for exchange=%r routing_key=%r; sent to %r",
                            exchange, routing_key, self.deadletter_queue)
             self._insert(self.deadletter_queue, row)
 
+    def _row(self, message: dict) -> "_Row":
+        return _Row.from_message(message, self._get_message_priority(message),
+                                 native_delay=self.connection.options.native_delayed_delivery)
+
     def _insert(self, queue: str, row: "_Row") -> None:
-        notify = self.connection.debouncer.should_notify(queue)
+        # A delayed message's NOTIFY only announces its due time: never debounced away.
+        notify = row.visible_at is not None or self.connection.debouncer.should_notify(queue)
         self.store.publish(queue, row.payload, priority=row.priority, ttl=row.ttl,
-                           serial_key=row.serial_key, notify=notify)
+                           serial_key=row.serial_key, visible_at=row.visible_at, notify=notify)
 
     def _put(self, queue, message, **kwargs):
-        self._insert(queue, _Row.from_message(message, self._get_message_priority(message)))
+        self._insert(queue, self._row(message))
 
     # -- consume ----------------------------------------------------------------
 
@@ -397,6 +406,8 @@ class Transport(virtual.Transport):
         self._consumer_id: int | None = None
         self._pending: set[str] = set()
         self._next_maintenance = 0.0
+        self._next_due: float | None = None
+        self._due_timer = None
         self._hub = None
         self._timers: list = []
         self._maintenance: BrokerStore | None = None
@@ -599,6 +610,8 @@ class Transport(virtual.Transport):
         while True:
             self.flush_acks()
             self._maybe_maintain()
+            if self._next_due is not None and monotonic() >= self._next_due:
+                self.promote_due()
             try:
                 self.cycle.get(self._deliver)
                 return
@@ -608,9 +621,11 @@ class Transport(virtual.Transport):
             if remaining is not None and remaining <= 0:
                 raise socket.timeout()
             wait = self.polling_interval if remaining is None else min(remaining, self.polling_interval)
-            wait = min(wait, max(self._next_maintenance - monotonic(), 0.0))
+            for moment in (self._next_maintenance, self._next_due):
+                if moment is not None:
+                    wait = min(wait, max(moment - monotonic(), 0.0))
             if self._listener is not None or self._active_queues():
-                self.listener().wait(wait, also=(self._wake_pipe()[0],))
+                self._take_notifications(self.listener().wait(wait, also=(self._wake_pipe()[0],)))
                 self._drain_wake_pipe()
             elif wait > 0:
                 # No consumer: nothing can arrive for us, only the deadline matters.
@@ -621,7 +636,7 @@ class Transport(virtual.Transport):
             self.maintain()
 
     def maintain(self) -> None:
-        """Keep consumed queues alive (x-expires) and run a recovery pass."""
+        """Keep consumed queues alive (x-expires), run a recovery pass, promote due messages."""
         self._next_maintenance = monotonic() + self.options.recovery_interval
         active = sorted(self._active_queues())
         if not active and self._listener is None:
@@ -631,9 +646,42 @@ class Transport(virtual.Transport):
         own = [self._consumer_id] if self._consumer_id is not None else []
         report = store.recover(own, self.options.visibility_timeout)
         self._pending.update(report.released)
-        # Notifications that arrived during those statements wait in psycopg's backlog,
+        self.promote_due()
+
+    def promote_due(self) -> None:
+        """Make due delayed messages ready (everyone's: promotion is global) and learn
+        when the next one is due."""
+        store = self._maintenance_store()
+        self._pending.update(set(store.promote_due()) & self._active_queues())
+        self._next_due = None
+        seconds = store.next_due()
+        if seconds is not None:
+            self._note_due(seconds)
+        # Notifications that arrived during these statements wait in psycopg's backlog,
         # where the socket no longer signals them.
-        self._pending.update(self.listener().drain() & set(active))
+        self._take_notifications(self.listener().drain())
+
+    def _note_due(self, seconds: float) -> None:
+        """A delayed message becomes due in ``seconds``: promote then (if sooner than known)."""
+        due = monotonic() + max(seconds, 0.0)
+        if self._next_due is not None and self._next_due <= due:
+            return
+        self._next_due = due
+        if self._hub is not None:
+            if self._due_timer is not None:
+                self._due_timer.cancel()
+            self._due_timer = self._hub.call_later(max(seconds, 0.0), self.promote_due)
+
+    def _take_notifications(self, payloads: set[str]) -> None:
+        active = self._active_queues()
+        for payload in payloads:
+            if payload.startswith(DUE_PREFIX):
+                try:
+                    self._note_due(float(payload[len(DUE_PREFIX):]) - time.time())
+                except ValueError:
+                    pass
+            elif payload in active:
+                self._pending.add(payload)
 
     # -- event loop (Celery's hub) --------------------------------------------------------
 
@@ -662,12 +710,13 @@ class Transport(virtual.Transport):
         if self._wake_fds is not None:
             hub.remove(self._wake_fds[0])
         hub.on_tick.discard(self._on_tick)
-        for tref in self._timers:
-            tref.cancel()
-        self._timers = []
+        for tref in [*self._timers, self._due_timer]:
+            if tref is not None:
+                tref.cancel()
+        self._timers, self._due_timer = [], None
 
     def _on_notify(self) -> None:
-        self._pending.update(self.listener().drain() & self._active_queues())
+        self._take_notifications(self.listener().drain())
         self._fetch_pending()
 
     def _on_wake(self) -> None:
@@ -698,16 +747,33 @@ class _Row:
     priority: int
     ttl: float | None
     serial_key: str | None
+    visible_at: datetime | None = None
 
     @classmethod
-    def from_message(cls, message: dict, priority: int) -> "_Row":
-        serial_key = (message.get("headers") or {}).get(SERIAL_KEY_HEADER)
+    def from_message(cls, message: dict, priority: int, *, native_delay: bool = False) -> "_Row":
+        headers = message.get("headers") or {}
+        serial_key = headers.get(SERIAL_KEY_HEADER)
         return cls(
             payload=dumps(message),
             priority=priority,
             ttl=_ttl_seconds(message),
             serial_key=None if serial_key in (None, "") else str(serial_key),
+            visible_at=_celery_eta(headers) if native_delay else None,
         )
+
+
+def _celery_eta(headers: dict) -> datetime | None:
+    """The ETA of a Celery (protocol 2) task message, when it is in the future."""
+    eta = headers.get("eta")
+    if not eta:
+        return None
+    try:
+        when = eta if isinstance(eta, datetime) else datetime.fromisoformat(str(eta))
+    except ValueError:
+        return None  # Celery will complain about it; the broker delivers it now
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when if when > datetime.now(timezone.utc) else None
 
 
 def _ttl_seconds(message: dict) -> float | None:

@@ -16,7 +16,11 @@ URL = os.environ["KOMBU_PG_URL"]
 SCHEMA = os.environ["KOMBU_PG_SCHEMA"]
 
 app = Celery("celery_app", broker=URL)
-app.conf.broker_transport_options = {"schema": SCHEMA, "recovery_interval": 0.5}
+app.conf.broker_transport_options = {
+    "schema": SCHEMA,
+    "recovery_interval": 0.5,
+    "native_delayed_delivery": os.environ.get("NATIVE_DELAY") == "1",
+}
 app.conf.worker_prefetch_multiplier = int(os.environ.get("PREFETCH_MULTIPLIER", "4"))
 app.conf.task_default_queue = os.environ.get("TASK_QUEUE", "celery")
 app.conf.worker_cancel_long_running_tasks_on_connection_loss = False

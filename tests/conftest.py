@@ -15,6 +15,7 @@ from psycopg import sql
 
 import kombu_pg  # noqa: F401  (registers the postgresql:// scheme)
 from kombu_pg.embedded import database_url
+from kombu_pg.store import apply_migrations
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +45,28 @@ def schema(pg_url):
     yield name
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def task_log(pg_conn, schema):
+    """Creates the schema's task_log table and returns a function reading it."""
+    apply_migrations(pg_conn, schema)
+    pg_conn.execute(
+        sql.SQL(
+            "CREATE TABLE {}.task_log (id bigserial, task text, arg text, attempt int,"
+            " redelivered bool, at timestamptz DEFAULT clock_timestamp())"
+        ).format(sql.Identifier(schema))
+    )
+
+    def rows(task: str | None = None) -> list[tuple]:
+        query = sql.SQL("SELECT task, arg, attempt, redelivered, at FROM {}.task_log {} ORDER BY id").format(
+            sql.Identifier(schema), sql.SQL("WHERE task = %(task)s" if task else "")
+        )
+        return pg_conn.execute(query, {"task": task}).fetchall()
+
+    return rows
+
+
+@pytest.fixture
+def worker_env(pg_url, schema):
+    return {"KOMBU_PG_URL": pg_url, "KOMBU_PG_SCHEMA": schema}

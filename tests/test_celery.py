@@ -9,31 +9,9 @@ import pytest
 from celery import Celery
 from psycopg import sql
 
-from .worker import CeleryWorker
+from .worker import CeleryWorker, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def task_log(pg_conn, schema):
-    """Creates the schema's task_log table and returns a function reading it."""
-    from kombu_pg.store import apply_migrations
-
-    apply_migrations(pg_conn, schema)
-    pg_conn.execute(
-        sql.SQL(
-            "CREATE TABLE {}.task_log (id bigserial, task text, arg text, attempt int,"
-            " redelivered bool, at timestamptz DEFAULT clock_timestamp())"
-        ).format(sql.Identifier(schema))
-    )
-
-    def rows(task: str | None = None) -> list[tuple]:
-        query = sql.SQL("SELECT task, arg, attempt, redelivered, at FROM {}.task_log {} ORDER BY id").format(
-            sql.Identifier(schema), sql.SQL("WHERE task = %(task)s" if task else "")
-        )
-        return pg_conn.execute(query, {"task": task}).fetchall()
-
-    return rows
 
 
 @pytest.fixture
@@ -43,23 +21,6 @@ def client(pg_url, schema):
     app.conf.broker_transport_options = {"schema": schema}
     yield app
     app.close()
-
-
-@pytest.fixture
-def worker_env(pg_url, schema):
-    return {"KOMBU_PG_URL": pg_url, "KOMBU_PG_SCHEMA": schema}
-
-
-def wait_until(predicate, timeout: float = 30.0, what: str = "condition"):
-    """Poll a database condition with a deadline (no event exists for rows appearing)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def queue_size(pg_conn, schema, queue="celery") -> int:

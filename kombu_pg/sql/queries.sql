@@ -68,13 +68,15 @@ SELECT queue, exchange, routing_key FROM {schema}.bindings ORDER BY exchange, qu
 WITH inserted AS (
     INSERT INTO {schema}.messages (queue, priority, payload, serial_key, visible_at, expires_at)
     SELECT %(queue)s, %(priority)s, %(payload)s, %(serial_key)s,
-           now() + make_interval(secs => %(delay)s),
+           -- Delayed delivery: invisible until then (NULL or past: ready now).
+           CASE WHEN %(visible_at)s::timestamptz > now() THEN %(visible_at)s::timestamptz END,
            LEAST(now() + make_interval(secs => %(ttl)s),
                  now() + make_interval(secs => q.message_ttl_ms / 1000.0))
     FROM (VALUES (1)) AS one (x) LEFT JOIN {schema}.queues q ON q.name = %(queue)s
     RETURNING queue
 )
-SELECT CASE WHEN %(notify)s THEN pg_notify(%(channel)s, queue) END FROM inserted
+SELECT CASE WHEN %(notify)s THEN pg_notify(%(channel)s, coalesce(%(notify_payload)s, queue)) END
+FROM inserted
 
 -- name: publish_routed
 -- One message to every queue bound to the exchange whose binding matches.
@@ -90,13 +92,15 @@ WITH targets AS (
 ), inserted AS (
     INSERT INTO {schema}.messages (queue, priority, payload, serial_key, visible_at, expires_at)
     SELECT t.queue, %(priority)s, %(payload)s, %(serial_key)s,
-           now() + make_interval(secs => %(delay)s),
+           -- Delayed delivery: invisible until then (NULL or past: ready now).
+           CASE WHEN %(visible_at)s::timestamptz > now() THEN %(visible_at)s::timestamptz END,
            LEAST(now() + make_interval(secs => %(ttl)s),
                  now() + make_interval(secs => q.message_ttl_ms / 1000.0))
     FROM targets t LEFT JOIN {schema}.queues q ON q.name = t.queue
     RETURNING queue
 )
-SELECT queue, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, queue) END FROM inserted
+SELECT queue, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, coalesce(%(notify_payload)s, queue)) END
+FROM inserted
 
 -- name: claim
 -- Lock up to `limit` ready messages of one queue for this consumer (see the claim
@@ -249,3 +253,22 @@ SELECT id, hostname, pid, backend_pid, started_at FROM {schema}.consumers ORDER 
 
 -- name: invalid_count
 SELECT count(*) FROM {schema}.invalid_messages
+
+-- name: promote_due
+-- Delayed messages whose time has come become ready; their consumers are woken.
+WITH due AS (
+    SELECT id FROM {schema}.messages
+    WHERE visible_at IS NOT NULL AND visible_at <= now() AND lock_token IS NULL
+    ORDER BY visible_at
+    LIMIT 10000
+    FOR UPDATE SKIP LOCKED
+), promoted AS (
+    UPDATE {schema}.messages m SET visible_at = NULL FROM due WHERE m.id = due.id
+    RETURNING m.queue
+)
+SELECT queue, pg_notify(%(channel)s, queue) FROM (SELECT DISTINCT queue FROM promoted) q
+
+-- name: next_due
+-- Seconds until the next delayed message is due (NULL: none waiting).
+SELECT extract(epoch FROM min(visible_at) - now()) FROM {schema}.messages
+WHERE visible_at IS NOT NULL AND lock_token IS NULL

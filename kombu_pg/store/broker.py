@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Iterable, Sequence
 
 import psycopg
@@ -138,10 +139,14 @@ class BrokerStore:
         priority: int = 0,
         ttl: float | None = None,
         serial_key: str | None = None,
-        delay: float | None = None,
+        visible_at: datetime | None = None,
         notify: bool = True,
     ) -> None:
-        """Insert one message; durable when this returns (autocommit)."""
+        """Insert one message; durable when this returns (autocommit).
+
+        A ``visible_at`` in the future delays delivery until then (see :meth:`promote_due`);
+        the NOTIFY then says when (:func:`due_payload`) instead of naming the queue.
+        """
         self._exec(
             "publish",
             dict(
@@ -150,8 +155,9 @@ class BrokerStore:
                 priority=priority,
                 ttl=ttl,
                 serial_key=serial_key,
-                delay=delay,
+                visible_at=visible_at,
                 notify=notify,
+                notify_payload=due_payload(visible_at),
                 channel=self.channel,
             ),
         )
@@ -165,7 +171,7 @@ class BrokerStore:
         priority: int = 0,
         ttl: float | None = None,
         serial_key: str | None = None,
-        delay: float | None = None,
+        visible_at: datetime | None = None,
         notify: bool = True,
     ) -> list[str]:
         """Insert a copy for every queue whose binding matches; return those queues."""
@@ -178,12 +184,22 @@ class BrokerStore:
                 priority=priority,
                 ttl=ttl,
                 serial_key=serial_key,
-                delay=delay,
+                visible_at=visible_at,
                 notify=notify,
+                notify_payload=due_payload(visible_at),
                 channel=self.channel,
             ),
         ).fetchall()
         return [r[0] for r in rows]
+
+    def promote_due(self) -> list[str]:
+        """Make due delayed messages ready and wake their consumers; return the queues."""
+        return [r[0] for r in self._exec("promote_due", {"channel": self.channel})]
+
+    def next_due(self) -> float | None:
+        """Seconds until the next delayed message is due, None when none is waiting."""
+        value = self._scalar("next_due")
+        return None if value is None else float(value)
 
     def claim(self, queue: str, limit: int, consumer_id: int, *, max_deliveries: int | None = None) -> list[Claimed]:
         """Lock up to ``limit`` ready messages, returned best first (priority, then age).
@@ -293,6 +309,14 @@ class BrokerStore:
                 report.released,
             )
         return report
+
+
+#: NOTIFY payloads starting with this announce a delayed message: "@<epoch seconds>".
+DUE_PREFIX = "@"
+
+
+def due_payload(visible_at: datetime | None) -> str | None:
+    return None if visible_at is None else f"{DUE_PREFIX}{visible_at.timestamp():.3f}"
 
 
 def _dicts(cursor: psycopg.Cursor) -> list[dict]:

@@ -28,6 +28,8 @@ import kombu_pg  # noqa: F401  (registers postgresql://)
 
 URL_ENV = "KOMBU_PG_TEST_URL"
 SCHEMA_ENV = "KOMBU_PG_TEST_SCHEMA"
+#: Optional: Celery's control_queue_expires (seconds) for this process.
+CONTROL_EXPIRES_ENV = "KOMBU_PG_TEST_CONTROL_QUEUE_EXPIRES"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 #: Transport options of every process in these tests: quick safety polls and recovery
@@ -50,6 +52,8 @@ def make_app(url: str, schema: str, name: str = "monitor_app") -> Celery:
         result_backend=None,
         task_ignore_result=True,
     )
+    if os.environ.get(CONTROL_EXPIRES_ENV):
+        app.conf.control_queue_expires = float(os.environ[CONTROL_EXPIRES_ENV])
 
     @app.task(name="monitor_app.add", shared=False)
     def add(x, y):
@@ -170,6 +174,12 @@ class ManagedProcess:
             if self._reader is not None:
                 self._reader.join(5)
 
+    def kill(self) -> None:
+        """SIGKILL the process group: no shutdown code runs, sessions just drop."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
     def __enter__(self) -> "ManagedProcess":
         return self.start()
 
@@ -185,7 +195,8 @@ class CeleryProcess(ManagedProcess):
 
 
 def start_worker(url: str, schema: str, *, events: bool = True, queues: str | None = None,
-                 timeout: float = 45.0, extra_args: Iterable[str] = ()) -> tuple[CeleryProcess, str]:
+                 timeout: float = 45.0, extra_args: Iterable[str] = (),
+                 extra_env: dict[str, str] | None = None) -> tuple[CeleryProcess, str]:
     """Start ``celery worker -P threads -c 2`` and wait for its ``ready.`` line.
 
     Returns the process and the worker's node name (``w<random>@localhost``).
@@ -195,7 +206,8 @@ def start_worker(url: str, schema: str, *, events: bool = True, queues: str | No
             "-n", node, *(["-E"] if events else []), *extra_args]
     if queues:
         args += ["-Q", queues]
-    worker = CeleryProcess(args, process_env(url, schema), name=f"worker {node}").start()
+    worker = CeleryProcess(args, process_env(url, schema, **(extra_env or {})),
+                           name=f"worker {node}").start()
     try:
         worker.wait_for_line(r"\bready\.$", timeout)
     except BaseException:

@@ -22,7 +22,13 @@ from celery.worker.consumer.mingle import Mingle
 from psycopg import sql
 
 from kombu_pg.transport import Transport
-from tests.monitor_app import CeleryProcess, make_app, process_env, start_worker
+from tests.monitor_app import (
+    CONTROL_EXPIRES_ENV,
+    CeleryProcess,
+    make_app,
+    process_env,
+    start_worker,
+)
 
 #: 200 pings take a few seconds; run with KOMBU_PG_PING_ROUNDS=1000 the loop ends with
 #: the same flat table counts, so 200 is representative of 1,000.
@@ -269,6 +275,33 @@ def test_control_shutdown(app, pg_url, mschema, db):
         assert db.count("queues", "name = %s", [pidbox]) == 0
     finally:
         proc.stop()
+
+
+def test_killed_worker_leaves_nothing_behind(app, worker, pg_url, mschema, db):
+    """SIGKILL: no channel close runs; x-expires and recovery clean up instead.
+
+    The module's worker runs the recovery passes; the killed one's pidbox queue is given
+    a 1 s x-expires (control_queue_expires) instead of Celery's 10 s to keep this quick.
+    """
+    consumers_before = db.count("consumers")
+    proc, node = start_worker(pg_url, mschema, events=False, queues=f"q_{uuid.uuid4().hex[:6]}",
+                              extra_env={CONTROL_EXPIRES_ENV: "1"})
+    pidbox = f"{node}.celery.pidbox"
+    try:
+        assert app.control.inspect(destination=[node], timeout=5).ping() == {node: {"ok": "pong"}}
+        assert db.count("queues", "name = %s AND expires_ms = 1000", [pidbox]) == 1
+        assert db.count("consumers") == consumers_before + 1
+    finally:
+        proc.kill()
+    # Commands to the dead worker still land in its queue until that expires.
+    app.control.broadcast("ping", destination=[node], reply=False)
+    assert db.count("messages", "queue = %s", [pidbox]) >= 1
+    poll(lambda: (db.count("queues", "name = %s", [pidbox]),
+                  db.count("bindings", "queue = %s", [pidbox]),
+                  db.count("messages", "queue = %s", [pidbox]),
+                  db.count("consumers")),
+         lambda c: c == (0, 0, 0, consumers_before), timeout=20,
+         what="the dead worker's pidbox queue, bindings, messages and consumer row to go")
 
 
 # -- events ----------------------------------------------------------------------------------

@@ -49,6 +49,10 @@ class DeadLetterQueue:
         self._pid = os.getpid()
         self._migrated = False
         self._requests: OrderedDict[str, Any] = OrderedDict()
+        # Deliveries already captured in this process: Celery can report one failure
+        # twice (a hard time limit fires task_failure, then the killed child's
+        # WorkerLostError fires it again); a new delivery of the task clears the mark.
+        self._captured: OrderedDict[str, bool] = OrderedDict()
 
     # -- settings and connection ----------------------------------------------------
 
@@ -75,7 +79,7 @@ class DeadLetterQueue:
                 if self._conn is not None:
                     _inherited.append(self._conn)
                 self._conn, self._pid = None, os.getpid()
-                self._requests = OrderedDict()
+                self._requests, self._captured = OrderedDict(), OrderedDict()
             if self._conn is None or self._conn.closed or self._conn.broken:
                 self._conn = self._connect()
             return DLQStore(self._conn, self.settings.schema)
@@ -131,6 +135,7 @@ class DeadLetterQueue:
             return
         with self._lock:
             self._requests[request.id] = request
+            self._captured.pop(request.id, None)
             limit = self.settings.request_memory
             while len(self._requests) > limit:
                 self._requests.popitem(last=False)
@@ -151,6 +156,14 @@ class DeadLetterQueue:
                 return
             with self._lock:
                 worker_request = self._requests.pop(task_id, None)
+                if worker_request is None and task_id in self._captured:
+                    logger.info("celery_dlq: second failure report for the same delivery of %s ignored",
+                                task_id)
+                    return
+                if worker_request is not None:
+                    self._captured[task_id] = True
+                    while len(self._captured) > self.settings.request_memory:
+                        self._captured.popitem(last=False)
             ctx = task.request
             in_context = ctx is not None and ctx.id == task_id and not ctx.called_directly
             if worker_request is not None:
@@ -215,7 +228,7 @@ class DeadLetterQueue:
                 if self._conn is not None:
                     _inherited.append(self._conn)
                 self._conn, self._pid = None, os.getpid()
-                self._requests = OrderedDict()
+                self._requests, self._captured = OrderedDict(), OrderedDict()
 
     # -- operations --------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 
 import psycopg
 from celery import Celery
@@ -71,52 +72,63 @@ def make_app(url: str, schema: str, **conf) -> Celery:
                 (name,)).fetchone()
         return bool(row and row[0])
 
-    @app.task(bind=True, name="dlq_app.permanent", autoretry_for=(Exception,), max_retries=3,
+    @app.task(bind=True, shared=False, name="dlq_app.permanent", autoretry_for=(Exception,), max_retries=3,
               default_retry_delay=0)
     def permanent(self, x):
         record(self)
         raise PermanentError(f"cannot process {x} (temporary network glitch)")
 
-    @app.task(bind=True, name="dlq_app.configured", autoretry_for=(Exception,), max_retries=3,
+    @app.task(bind=True, shared=False, name="dlq_app.configured", autoretry_for=(Exception,), max_retries=3,
               default_retry_delay=0)
     def configured(self, x):
         record(self)
         raise ConfiguredPermanent(f"bad input {x}")
 
-    @app.task(bind=True, name="dlq_app.flaky", autoretry_for=(Flaky,),
+    @app.task(bind=True, shared=False, name="dlq_app.flaky", autoretry_for=(Flaky,),
               **retry_policy("fast", jitter=False))
     def flaky(self, x):
         record(self)
         raise Flaky(f"still down ({x})")
 
-    @app.task(bind=True, name="dlq_app.manual", max_retries=1)
+    @app.task(bind=True, shared=False, name="dlq_app.manual", max_retries=1)
     def manual(self, x):
         record(self)
         raise self.retry(countdown=0)
 
-    @app.task(bind=True, name="dlq_app.rejecting", acks_late=True)
+    @app.task(bind=True, shared=False, name="dlq_app.rejecting", acks_late=True)
     def rejecting(self, x):
         record(self)
         raise Reject(f"malformed {x}", requeue=False)
 
-    @app.task(bind=True, name="dlq_app.dies")
+    @app.task(bind=True, shared=False, name="dlq_app.dies")
     def dies(self, x):
         record(self)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    @app.task(bind=True, name="dlq_app.poison", acks_late=True, reject_on_worker_lost=True)
+    @app.task(bind=True, shared=False, name="dlq_app.poison", acks_late=True, reject_on_worker_lost=True)
     def poison(self, x):
         record(self)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    @app.task(bind=True, name="dlq_app.switchable")
+    @app.task(bind=True, shared=False, name="dlq_app.switchable")
     def switchable(self, x):
         record(self)
         if failing("switchable"):
             raise PermanentError(f"switch is on ({x})")
         return x
 
-    @app.task(bind=True, name="dlq_app.ok")
+    @app.task(bind=True, shared=False, name="dlq_app.hangs", time_limit=1)
+    def hangs(self, x):
+        record(self)
+        threading.Event().wait(30)  # killed by the hard time limit
+
+    @app.task(bind=True, shared=False, name="dlq_app.slow_ok", acks_late=True)
+    def slow_ok(self, x):
+        record(self)
+        threading.Event().wait(float(x))
+        return x
+
+    @app.task(bind=True, shared=False, name="dlq_app.ok")
     def ok(self, x):
         record(self)
         return x

@@ -64,7 +64,7 @@ def worker(env):
         "dlq_app",
         {"KOMBU_PG_URL": env["url"], "DLQ_SCHEMA": env["schema"], "DLQ_BEAT_FILE": env["beat"],
          "DLQ_CONF": json.dumps({"dlq_reap_interval": 1.0})},
-        pool="prefork", concurrency=2, args=["-B"],
+        pool="prefork", concurrency=2, args=["-B", "-Q", "celery,lastq"],
     )
     try:
         w.wait_ready()
@@ -147,6 +147,29 @@ def test_main_process_failures_are_captured_with_the_exact_message(worker, clien
     row = wait_until(lambda: dlq_row(db, env["schema"], lost.id), what="worker-lost row")
     assert row["source"] == "worker" and row["exception_type"].endswith("WorkerLostError")
     assert json.loads(row["message"])["headers"]["id"] == lost.id
+
+
+def test_hard_time_limit_is_captured_in_the_main_process(worker, client, db, env):
+    """R4: the hard time limit kills the child; task_failure fires in the main process."""
+    result = client.send_task("dlq_app.hangs", (10,))
+    row = wait_until(lambda: dlq_row(db, env["schema"], result.id), what="time-limit row")
+    assert row["source"] == "worker" and row["exception_type"].endswith("TimeLimitExceeded"), row
+    # Celery reports it twice (time limit, then the killed child): one capture.
+    worker.wait_for_line(f"second failure report for the same delivery of {result.id}")
+    assert dlq_row(db, env["schema"], result.id)["failure_count"] == 1
+    assert json.loads(row["message"])["headers"]["id"] == result.id
+
+
+def test_a_running_last_attempt_is_not_reaped_under_its_feet(worker, client, db, env):
+    """A2 with the beat reaper running every second: a message on its last allowed
+    delivery (delivery_count = max_deliveries while it runs) is locked, so it is left alone."""
+    result = client.send_task("dlq_app.slow_ok", (3,), queue="staging")  # nobody consumes staging
+    db.execute(sql.SQL("UPDATE {}.messages SET queue = 'lastq', delivery_count = 1 WHERE queue = 'staging'")
+               .format(sql.Identifier(env["schema"])))
+    db.execute("SELECT pg_notify(%s, 'lastq')", (f"{env['schema']}:queues",))
+    assert result.get(timeout=30) == 3
+    assert len(runs(db, env["schema"], result.id)) == 1
+    assert dlq_row(db, env["schema"], result.id) is None
 
 
 def test_poison_message_stops_after_max_deliveries_and_is_reaped(worker, client, db, env):

@@ -187,6 +187,16 @@ class DLQStore:
                 break
         return moved
 
+    def reject_to_dlq(self, token: str, detail: str | None = None) -> tuple[bool, int | None]:
+        """Dead-letter one delivered message by its lock token, in one statement.
+
+        Returns (the message existed, the new DLQ row id or None when the task id was
+        already in the DLQ).  This is the statement the transport runs for
+        ``reject(requeue=False)`` when dead-lettering is on.
+        """
+        existed, row_id = self._exec("reject_to_dlq", {"token": token, "detail": detail}).fetchone()
+        return bool(existed), row_id
+
     def count_exhausted(self, max_deliveries: int) -> int:
         return self._exec("count_exhausted", {"max_deliveries": max_deliveries}).fetchone()[0]
 

@@ -365,3 +365,27 @@ def test_relink_only_adds_the_link_header():
     doc = json.loads(relink(original, 42))
     assert doc["headers"].pop("dlq_id") == 42
     assert doc == json.loads(original)
+
+
+def test_broker_reject_dead_letters_in_one_fenced_statement(pg_conn, migrated, broker, dlq):
+    """The transport hook for reject(requeue=False): moved whole, fenced by the lock token,
+    and a task id Celery's signal already captured is not counted twice."""
+    consumer = broker.register_consumer()
+    original = kombu_message()
+    broker.publish("work", original)
+    [claimed] = broker.claim("work", 1, consumer)
+    existed, row_id = dlq.reject_to_dlq(claimed.token, "rejected by consumer")
+    assert existed and row_id is not None
+    row = dlq.get(row_id)
+    assert (row["message"], row["reason"], row["source"], row["queue"]) == (original, "rejected", "broker", "work")
+    assert count(pg_conn, migrated, "messages") == 0
+    assert dlq.reject_to_dlq(claimed.token) == (False, None)  # a stale token does nothing
+
+    task_id = str(uuid.uuid4())
+    dlq.capture(entry(task_id, reason="rejected"))  # the signal path ran first
+    broker.publish("work", kombu_message(task_id))
+    [claimed] = broker.claim("work", 1, consumer)
+    assert dlq.reject_to_dlq(claimed.token) == (True, None)
+    assert dlq.list({"reason": "rejected"}).total == 2
+    assert dlq.get(dlq.list({"reason": "rejected"}).rows[0]["id"])["failure_count"] == 1
+    assert pg_conn.execute(f'SELECT sum(added) FROM "{migrated}".dlq_counters').fetchone()[0] == 2

@@ -63,6 +63,39 @@ WITH candidates AS (
 )
 SELECT id FROM ins
 
+-- name: reject_to_dlq
+-- Broker-level dead-lettering of one delivered message (Kombu reject(requeue=False)),
+-- fenced by its lock token, in one statement.  A task id Celery's signal already
+-- captured keeps its row (the signal fires before the reject): no double count.
+WITH moved AS (
+    DELETE FROM {schema}.messages WHERE lock_token = %(token)s::uuid
+    RETURNING id, queue, priority, payload, serial_key, delivery_count,
+              {schema}.dlq_json(payload) AS doc
+), ins AS (
+    INSERT INTO {schema}.dlq AS d (
+        task_id, task_name, queue, exchange, routing_key, priority, serial_key, reason,
+        exception_message, message, retries, delivery_count, source, broker_message_id)
+    SELECT {schema}.dlq_text(doc, 'headers', 'id'),
+           coalesce({schema}.dlq_text(doc, 'headers', 'shadow'), {schema}.dlq_text(doc, 'headers', 'task')),
+           queue,
+           {schema}.dlq_text(doc, 'properties', 'delivery_info', 'exchange'),
+           {schema}.dlq_text(doc, 'properties', 'delivery_info', 'routing_key'),
+           priority, serial_key, 'rejected', %(detail)s, payload,
+           CASE WHEN {schema}.dlq_text(doc, 'headers', 'retries') ~ '^[0-9]{{1,9}}$'
+                THEN {schema}.dlq_text(doc, 'headers', 'retries')::integer ELSE 0 END,
+           delivery_count, 'broker', id
+    FROM moved
+    ON CONFLICT (task_id) WHERE task_id IS NOT NULL DO NOTHING
+    RETURNING d.id, d.task_name, d.reason, d.serial_key
+), counted AS (
+    INSERT INTO {schema}.dlq_counters AS c (task_name, reason, queue_kind, added)
+    SELECT coalesce(task_name, ''), reason,
+           CASE WHEN serial_key IS NULL THEN 'parallel' ELSE 'serial' END, count(*)
+    FROM ins GROUP BY 1, 2, 3
+    ON CONFLICT (task_name, reason, queue_kind) DO UPDATE SET added = c.added + EXCLUDED.added
+)
+SELECT (SELECT count(*) FROM moved), (SELECT id FROM ins)
+
 -- name: count_exhausted
 SELECT count(*) FROM {schema}.messages
 WHERE lock_token IS NULL AND delivery_count > 0 AND delivery_count >= %(max_deliveries)s

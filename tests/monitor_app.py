@@ -30,6 +30,8 @@ URL_ENV = "KOMBU_PG_TEST_URL"
 SCHEMA_ENV = "KOMBU_PG_TEST_SCHEMA"
 #: Optional: Celery's control_queue_expires (seconds) for this process.
 CONTROL_EXPIRES_ENV = "KOMBU_PG_TEST_CONTROL_QUEUE_EXPIRES"
+#: The test process's pid: a subprocess exits when that process is gone.
+PARENT_ENV = "KOMBU_PG_TEST_PARENT_PID"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 #: Transport options of every process in these tests: quick safety polls and recovery
@@ -80,7 +82,23 @@ def _app_from_env() -> Celery:
     return make_app(os.environ.get(URL_ENV, "postgresql://"), os.environ.get(SCHEMA_ENV, "kombu_pg"))
 
 
+def _exit_with_test_process() -> None:
+    """A safety net on a shared machine: if pytest dies without its teardown (SIGKILL),
+    workers and Flower it started exit instead of running on forever."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent:
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(1)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="exit-with-test-process", daemon=True).start()
+
+
 app = _app_from_env()
+_exit_with_test_process()
 
 
 # -- real Celery processes ----------------------------------------------------------
@@ -88,7 +106,8 @@ app = _app_from_env()
 
 def process_env(url: str, schema: str, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({URL_ENV: url, SCHEMA_ENV: schema, "PYTHONUNBUFFERED": "1"})
+    env.update({URL_ENV: url, SCHEMA_ENV: schema, PARENT_ENV: str(os.getpid()),
+                "PYTHONUNBUFFERED": "1"})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env.update(extra)
     return env

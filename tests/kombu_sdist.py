@@ -58,7 +58,7 @@ def kombu_test_root(version: str | None = None) -> Path:
                 [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                  f"kombu=={version}", "-d", str(CACHE_DIR), "--disable-pip-version-check",
                  "--quiet"],
-                capture_output=True, text=True, timeout=300,
+                capture_output=True, text=True, timeout=300, check=False,
             )
             if proc.returncode != 0 or not archive.is_file():
                 raise SdistUnavailable(

@@ -12,10 +12,11 @@ kombu-pg uses libpq multi-host URLs instead).
 
 from __future__ import annotations
 
-import pytest
+import os
 
 import kombu
 import psycopg
+import pytest
 from kombu.exceptions import OperationalError
 
 from kombu_pg.transport import Transport
@@ -24,8 +25,6 @@ from tests.kombu_sdist import SdistUnavailable, add_to_path
 try:
     add_to_path()
 except SdistUnavailable as exc:  # offline: skip unless CI demands the sdist
-    import os
-
     if os.environ.get("KOMBU_PG_REQUIRE_SDIST") == "1":
         raise
     pytest.skip(f"Kombu sdist unavailable: {exc}", allow_module_level=True)

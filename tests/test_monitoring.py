@@ -319,8 +319,10 @@ def test_event_receiver_sees_worker_and_task_events(app, worker):
         for task_id, kinds in ((ok.id, ("sent", "received", "started", "succeeded")),
                                (bad.id, ("sent", "received", "started", "failed"))):
             for kind in kinds:
-                events.wait_for(lambda e: e["type"] == f"task-{kind}" and e.get("uuid") == task_id,
-                                timeout=15, what=f"task-{kind} for {task_id}")
+                events.wait_for(
+                    lambda e, kind=kind, task_id=task_id:
+                        e["type"] == f"task-{kind}" and e.get("uuid") == task_id,
+                    timeout=15, what=f"task-{kind} for {task_id}")
         sent = events.wait_for(lambda e: e["type"] == "task-sent" and e["uuid"] == ok.id, 1, "")
         assert sent["name"] == "monitor_app.add"
         succeeded = events.wait_for(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import socket
 import sys
 import time
-import uuid
 from collections import Counter, defaultdict
 
 import kombu

@@ -74,6 +74,12 @@ _CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 _READY_SCHEMAS: set[tuple[str, str]] = set()
 _READY_LOCK = threading.Lock()
 
+# When this process next piggy-backs a cleanup on a write, per (conninfo, schema).
+_NEXT_CLEANUP: dict[tuple[str, str], float] = {}
+_CLEANUP_LOCK = threading.Lock()
+#: Seconds to the next piggy-backed cleanup when the last one left expired rows behind.
+CLEANUP_CATCH_UP = 1.0
+
 
 @dataclass(frozen=True)
 class BackendOptions:
@@ -87,6 +93,9 @@ class BackendOptions:
     polling_interval: float = 5.0
     #: Rows deleted per statement by the result cleanup.
     cleanup_batch: int = CLEANUP_BATCH
+    #: Seconds between the bounded cleanups a process piggy-backs on its result writes
+    #: (so expired rows go away even without celery beat); None or 0 turns them off.
+    cleanup_interval: float | None = 300.0
     #: Extra keyword arguments for ``psycopg.connect`` (e.g. ``sslrootcert``).
     connect_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
@@ -118,6 +127,9 @@ class BackendOptions:
         cb = self.cleanup_batch
         if not isinstance(cb, int) or isinstance(cb, bool) or cb < 1:
             raise ConfigurationError(f"option 'cleanup_batch' must be an integer >= 1, got {cb!r}")
+        ci = self.cleanup_interval
+        if ci is not None and (not isinstance(ci, (int, float)) or isinstance(ci, bool) or ci < 0):
+            raise ConfigurationError(f"option 'cleanup_interval' must be a number >= 0 or None, got {ci!r}")
         if not isinstance(self.connect_kwargs, Mapping):
             raise ConfigurationError("option 'connect_kwargs' must be a mapping")
 
@@ -210,8 +222,8 @@ class PostgresBackend(BaseBackend):
             if version < RESULTS_SCHEMA_VERSION:
                 raise MigrationError(
                     f"schema {self.schema!r} is at version {version}; the result backend needs "
-                    f"version {RESULTS_SCHEMA_VERSION}. Apply the migrations (auto_migrate=True, "
-                    "or kombu_pg.store.migration_sql() for a DBA)"
+                    f"version {RESULTS_SCHEMA_VERSION}. Apply the migrations: auto_migrate=True, "
+                    "or `celery -A proj pg migrate` (--print gives the SQL for a DBA)"
                 )
         with _READY_LOCK:
             _READY_SCHEMAS.add(key)
@@ -356,7 +368,30 @@ class PostgresBackend(BaseBackend):
             expires=expires,
             notify=ready,
         ))
+        if ready and self.options.cleanup_interval:
+            self._maybe_cleanup()
         return result
+
+    def _maybe_cleanup(self) -> None:
+        """Every ``cleanup_interval`` seconds per process, delete one bounded batch of
+        expired rows (sooner again while batches come back full).  Never fails a write."""
+        key = (self.conninfo, self.schema)
+        now = time.monotonic()
+        with _CLEANUP_LOCK:
+            if now < _NEXT_CLEANUP.get(key, 0.0):
+                return
+            _NEXT_CLEANUP[key] = now + self.options.cleanup_interval
+        batch = max(1, min(self.options.cleanup_batch, 1000))
+        try:
+            deleted = self._run(lambda store: store.cleanup_step(batch))
+        except Exception as exc:  # pylint: disable=broad-except
+            logger.warning("kombu-pg result backend: background cleanup failed: %r", exc)
+            return
+        if deleted and max(deleted.values()) >= batch:
+            with _CLEANUP_LOCK:
+                _NEXT_CLEANUP[key] = time.monotonic() + min(CLEANUP_CATCH_UP, self.options.cleanup_interval)
+        if deleted and any(deleted.values()):
+            logger.debug("kombu-pg result backend: expired rows deleted: %s", deleted)
 
     def _get_task_meta_for(self, task_id):
         row = self._run(lambda store: store.get(bytes_to_str(task_id)))

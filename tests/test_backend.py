@@ -142,7 +142,8 @@ def test_broker_option_in_backend_options_is_explained(make_app):
 
 
 @pytest.mark.parametrize("bad", [{"schema": "1bad"}, {"schema": "a;b"}, {"polling_interval": 0},
-                                 {"auto_migrate": "yes"}, {"cleanup_batch": 0}])
+                                 {"auto_migrate": "yes"}, {"cleanup_batch": 0},
+                                 {"cleanup_interval": -1}, {"connect_kwargs": 3}])
 def test_invalid_option_values_are_refused(bad):
     with pytest.raises(ConfigurationError):
         BackendOptions.from_mapping(bad)
@@ -448,12 +449,13 @@ def test_result_stored_while_listener_is_dead_is_not_missed(make_app, pg_conn, s
 def test_data_connection_killed_between_calls_reconnects(app, pg_conn, schema):
     tid = uuid()
     app.backend.store_result(tid, 1, states.SUCCESS)
-    victims = sessions(pg_conn, f'"{schema}".results')
-    assert victims
-    pg_conn.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) pid", (victims,))
-    wait_until(lambda: not set(sessions(pg_conn, f'"{schema}".results')) & set(victims),
-               what="the session to end")
+    victim = app.backend._local.store.conn.info.backend_pid
+    pg_conn.execute("SELECT pg_terminate_backend(%s)", (victim,))
+    wait_until(lambda: not pg_conn.execute(
+        "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (victim,)).fetchone(),
+        what="the session to end")
     app.backend.store_result(uuid(), 2, states.SUCCESS)  # reconnects transparently
+    assert app.backend._local.store.conn.info.backend_pid != victim
     assert app.backend.get_task_meta(tid, cache=False)["result"] == 1
 
 
@@ -631,6 +633,28 @@ def test_expired_results_read_as_pending_and_cleanup_deletes_them(make_app, pg_c
     assert app.backend._run(lambda st: st.counts()) == {
         "results": 1, "groups": 0, "chords": 0, "chord_parts": 0}
     assert keep.AsyncResult(kept).get(timeout=5) == "forever"
+
+
+def test_writes_piggyback_a_bounded_cleanup_without_beat(make_app, pg_conn, schema):
+    import kombu_pg.backend as backend_module
+
+    app = make_app(result_expires=timedelta(hours=1),
+                   options={"cleanup_interval": 3600, "cleanup_batch": 10})
+    for _ in range(25):
+        app.backend.store_result(uuid(), 1, states.SUCCESS)
+    _expire_everything(pg_conn, schema)
+    key = (app.backend.conninfo, schema)
+    backend_module._NEXT_CLEANUP.pop(key, None)  # make the next write's cleanup due
+    app.backend.store_result(uuid(), 1, states.SUCCESS)
+    assert app.backend._run(lambda st: st.counts())["results"] == 25 - 10 + 1
+    # Not due again yet: the interval is an hour...
+    app.backend.mark_as_failure(uuid(), CustomError("x"))
+    assert app.backend._run(lambda st: st.counts())["results"] == 25 - 10 + 2
+    # ...but a full batch brings the next pass forward (catch-up), to within a second.
+    assert backend_module._NEXT_CLEANUP[key] - time.monotonic() <= backend_module.CLEANUP_CATCH_UP
+    backend_module._NEXT_CLEANUP.pop(key, None)
+    app.backend.store_result(uuid(), 1, states.SUCCESS)
+    assert app.backend._run(lambda st: st.counts())["results"] == 25 - 20 + 3
 
 
 def test_beat_schedules_backend_cleanup_when_results_expire(make_app):

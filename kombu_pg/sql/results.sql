@@ -229,6 +229,10 @@ WHERE ctid = ANY(ARRAY(
     FOR UPDATE SKIP LOCKED
 ))
 
+-- name: try_cleanup_lock
+-- One piggy-backed cleanup at a time per schema (held until the transaction ends).
+SELECT pg_try_advisory_xact_lock(hashtextextended('kombu_pg:results-cleanup:' || %(schema)s, 0))
+
 -- name: count_rows
 SELECT (SELECT count(*) FROM {schema}.results),
        (SELECT count(*) FROM {schema}.groups),

@@ -241,6 +241,18 @@ class ResultStore:
             deleted[table] = total
         return deleted
 
+    def cleanup_step(self, batch: int) -> dict[str, int] | None:
+        """Delete at most ``batch`` expired rows per table in one transaction, unless
+        another session is doing the same (then None).  Meant to be piggy-backed on
+        writes, so it is bounded; a full batch means more is left."""
+        with self.conn.transaction():
+            if not self._exec("try_cleanup_lock", {"schema": self.schema}).fetchone()[0]:
+                return None
+            return {
+                table: self._exec(f"cleanup_{table}", {"limit": batch}).rowcount
+                for table in ("results", "groups", "chords", "chord_parts")
+            }
+
     def counts(self) -> dict[str, int]:
         row = self._exec("count_rows").fetchone()
         return dict(zip(("results", "groups", "chords", "chord_parts"), row))

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 import click
 import psycopg
 
-from .config import ConfigurationError, Options, build_conninfo
+from .config import ConfigurationError, Options, build_conninfo, validate_schema
 from .store import BrokerStore, apply_migrations, connect, current_version, migration_sql
 from .store.migrations import all_migrations
+from .transport import Transport
 
 
 @dataclass
@@ -27,22 +28,27 @@ class Target:
 
     @classmethod
     def resolve(cls, ctx: click.Context, *, need_database: bool = True) -> "Target":
-        """The database and options: --url/--schema, else the Celery app's broker settings."""
+        """The database and options: --url/--schema, else the Celery app's broker settings
+        (all of them: broker_url, broker_user/password/port, broker_use_ssl, timeouts)."""
         url, schema = ctx.meta["kombu_pg.target"]
         app = getattr(ctx.obj, "app", None)
-        raw: dict[str, Any] = dict(app.conf.broker_transport_options or {}) if app is not None else {}
-        if url is None and app is not None:
-            url = app.conf.broker_url
-        url = url or os.environ.get("KOMBU_PG_URL")
-        if schema:
-            raw["schema"] = schema
         try:
-            options = Options.from_mapping(raw)
-            if not url:
-                if need_database:
+            if url is None and app is not None:
+                transport = app.connection_for_write().transport
+                if not isinstance(transport, Transport):
+                    raise click.UsageError(
+                        f"the app's broker is {transport.driver_type!r}, not PostgreSQL: pass --url")
+                target = cls(transport.conninfo, transport.options)
+            else:
+                url = url or os.environ.get("KOMBU_PG_URL")
+                options = Options.from_mapping(
+                    dict(app.conf.broker_transport_options or {}) if app is not None else {})
+                if not url and need_database:
                     raise click.UsageError("no database: pass --url, set KOMBU_PG_URL or use celery -A <app>")
-                return cls("", options)
-            return cls(build_conninfo(url, extra=options.connect_kwargs), options)
+                target = cls(build_conninfo(url, extra=options.connect_kwargs) if url else "", options)
+            if schema:
+                target.options = replace(target.options, schema=validate_schema(schema))
+            return target
         except ConfigurationError as exc:
             raise click.UsageError(str(exc)) from None
 

@@ -59,7 +59,8 @@ class Options:
     auto_migrate: bool = True
     #: Seconds between safety polls when no NOTIFY arrives.
     polling_interval: float = 2.0
-    #: Messages claimed per round trip when the consumer has no prefetch limit.
+    #: Most messages claimed per round trip.  With a prefetch limit, a consumer claims
+    #: again once min(claim_batch_max, prefetch/2) slots are free, so claims stay batched.
     claim_batch_max: int = 100
     #: Seconds between recovery passes (dead consumers' messages unlocked, expiry).
     recovery_interval: float = 2.0
@@ -73,7 +74,8 @@ class Options:
     native_delayed_delivery: bool = False
     #: Seconds a producer waits before sending another NOTIFY for the same queue.
     notify_debounce: float = 0.02
-    #: Extra keyword arguments for ``psycopg.connect`` (e.g. ``sslrootcert``).
+    #: Extra libpq connection parameters (e.g. ``sslrootcert``, ``keepalives_idle``),
+    #: merged into the connection string; they override the URL.
     connect_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -95,19 +97,19 @@ class Options:
         validate_schema(self.schema)
         for name in ("polling_interval", "recovery_interval", "notify_debounce"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            if not _is_number(value) or value < 0:
                 raise ConfigurationError(f"option {name!r} must be a number >= 0, got {value!r}")
         if self.polling_interval <= 0 or self.recovery_interval <= 0:
             raise ConfigurationError("polling_interval and recovery_interval must be > 0")
-        if not isinstance(self.claim_batch_max, int) or self.claim_batch_max < 1:
+        if not _is_int(self.claim_batch_max) or self.claim_batch_max < 1:
             raise ConfigurationError(
                 f"option 'claim_batch_max' must be an integer >= 1, got {self.claim_batch_max!r}"
             )
         vt = self.visibility_timeout
-        if vt is not None and (not isinstance(vt, (int, float)) or vt <= 0):
+        if vt is not None and (not _is_number(vt) or vt <= 0):
             raise ConfigurationError(f"option 'visibility_timeout' must be > 0 or None, got {vt!r}")
         md = self.max_deliveries
-        if md is not None and (not isinstance(md, int) or isinstance(md, bool) or md < 1):
+        if md is not None and (not _is_int(md) or md < 1):
             raise ConfigurationError(f"option 'max_deliveries' must be an integer >= 1 or None, got {md!r}")
         for name in ("auto_migrate", "native_delayed_delivery"):
             if not isinstance(getattr(self, name), bool):
@@ -116,9 +118,18 @@ class Options:
             raise ConfigurationError("option 'connect_kwargs' must be a mapping")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def build_conninfo(
     url: str,
     *,
+    database: str | None = None,
     user: str | None = None,
     password: str | None = None,
     port: int | None = None,
@@ -128,19 +139,28 @@ def build_conninfo(
 ) -> str:
     """Turn a libpq URL plus separately given parts into one libpq conninfo string.
 
-    The URL passes through untouched (multi-host, ``sslmode``, ``application_name``...);
-    values given separately fill in what the URL leaves out, and ``extra``
-    (``connect_kwargs``) overrides both.
+    The URL passes through untouched (multi-host, ``sslmode``, ``application_name``...).
+    User, password, port and timeout given separately fill in what the URL leaves out;
+    the ``ssl*`` keys of ``ssl`` (Celery's ``broker_use_ssl``) and ``extra``
+    (``connect_kwargs``) override the URL.  A bare host name (Kombu's ``hostname``
+    without a scheme) is accepted, with ``virtual_host`` as the database.
     """
     if not isinstance(url, str) or not url.strip():
         raise ConfigurationError("a PostgreSQL URL is required, e.g. postgresql://user@host/db")
-    scheme = url.split("://", 1)[0] if "://" in url else None
-    if scheme is not None and scheme not in ("postgresql", "postgres"):
-        raise ConfigurationError(f"unsupported URL scheme {scheme!r}: use postgresql://")
-    try:
-        parsed = conninfo_to_dict(url)
-    except Exception as exc:  # psycopg raises ProgrammingError for malformed input
-        raise ConfigurationError(f"malformed PostgreSQL URL: {exc}") from None
+    if "://" in url:
+        scheme = url.split("://", 1)[0]
+        if scheme not in ("postgresql", "postgres"):
+            raise ConfigurationError(f"unsupported URL scheme {scheme!r}: use postgresql://")
+        try:
+            parsed = conninfo_to_dict(url)
+        except Exception as exc:  # psycopg raises ProgrammingError for malformed input
+            raise ConfigurationError(f"malformed PostgreSQL URL: {exc}") from None
+    elif "=" in url or any(c.isspace() for c in url.strip()):
+        raise ConfigurationError(f"expected a postgresql:// URL or a host name, got {url!r}")
+    else:
+        parsed = {"host": url.strip()}
+        if database and database != "/":
+            parsed["dbname"] = database.lstrip("/")
     merged: dict[str, Any] = {}
     if user and "user" not in parsed:
         merged["user"] = user

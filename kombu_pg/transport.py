@@ -31,7 +31,7 @@ from kombu.utils.json import dumps, loads
 from kombu.utils.scheduling import FairCycle
 
 from .config import Options, build_conninfo, redact
-from .store import BrokerStore, Claimed, apply_migrations, connect
+from .store import BrokerStore, Claimed, apply_migrations, check_version, connect
 from .store.broker import DUE_PREFIX
 from .store.wakeups import Listener, NotifyDebouncer
 
@@ -201,7 +201,11 @@ class Channel(virtual.Channel):
     # -- publish ----------------------------------------------------------------
 
     def basic_publish(self, message, exchange, routing_key, **kwargs):
-        """Route, insert and (debounced) notify in one statement; durable on return."""
+        """Route, insert and notify in one statement; durable on return.
+
+        NOTIFYs for the default exchange (Celery's task path) are debounced per queue;
+        routed publishes (events, pidbox, broadcasts) always notify.
+        """
         self._inplace_augment_message(message, exchange, routing_key)
         row = self._row(message)
         if not exchange:
@@ -392,6 +396,7 @@ class Transport(virtual.Transport):
         self.polling_interval = self.options.polling_interval
         self.conninfo = build_conninfo(
             client.hostname or "postgresql://",
+            database=client.virtual_host,
             user=client.userid,
             password=client.password,
             port=client.port,
@@ -439,10 +444,13 @@ class Transport(virtual.Transport):
 
     def _migrate(self, conn: psycopg.Connection) -> None:
         key = (self.conninfo, self.options.schema)
-        if key in _migrated or not self.options.auto_migrate:
+        if key in _migrated:
             return
         with _migrate_lock:
-            apply_migrations(conn, self.options.schema)
+            if self.options.auto_migrate:
+                apply_migrations(conn, self.options.schema)
+            else:
+                check_version(conn, self.options.schema)
             _migrated.add(key)
 
     def consumer_id(self) -> int:
@@ -550,7 +558,8 @@ class Transport(virtual.Transport):
             tags, self._acks = self._acks, []
         if tags:
             try:
-                work.ack(tags)
+                # A freed serial key may let this very consumer take the key's next message.
+                self._pending.update(work.ack(tags))
             except BaseException:
                 with self._ack_lock:
                     self._acks[:0] = tags

@@ -169,7 +169,7 @@ def test_exactly_once_with_producer_threads_and_consumer_processes(pg_url, schem
 
 def test_idle_consumer_wakes_on_notify_not_on_poll(pg_url, schema):
     """With a 30 s safety poll, only NOTIFY can deliver within the drain timeout."""
-    options = {"schema": schema, "polling_interval": 30.0}
+    options = {"schema": schema, "polling_interval": 30.0, "recovery_interval": 30.0}
     with Connection(pg_url, transport_options=options) as consumer_conn, \
             Connection(pg_url, transport_options=options) as producer_conn:
         queue = Queue("wake")
@@ -177,7 +177,10 @@ def test_idle_consumer_wakes_on_notify_not_on_poll(pg_url, schema):
         with Consumer(consumer_conn, [queue], callbacks=[lambda body, msg: (got.append(body), msg.ack())]):
             threading.Timer(0.2, lambda: Producer(producer_conn.default_channel).publish(
                 "hello", routing_key="wake")).start()
-            consumer_conn.drain_events(timeout=10)
+            started = time.monotonic()
+            consumer_conn.drain_events(timeout=20)
+            # Polling would take 30 s (and a drain gives up at its deadline, 20 s).
+            assert time.monotonic() - started < 10
         assert got == ["hello"]
 
 
@@ -232,3 +235,51 @@ def test_libpq_url_parameters_and_separate_credentials_are_merged(pg_url, schema
         store = c.default_channel.store
         assert store.conn.info.user == user
         assert store.conn.execute("SHOW application_name").fetchone()[0] == "kombu_pg_test"
+
+
+def test_acking_a_keyed_message_wakes_the_consumer_waiting_for_that_key(pg_url, schema):
+    """With a 30 s safety poll only the ack's NOTIFY can hand the key over in time."""
+    options = {"schema": schema, "polling_interval": 30.0, "recovery_interval": 30.0}
+    with Connection(pg_url, transport_options=options) as a, Connection(pg_url, transport_options=options) as b:
+        producer = Producer(a.default_channel)
+        for n in range(2):
+            producer.publish(n, routing_key="keyed", headers={"serial_key": "k"}, declare=[Queue("keyed")])
+        held = []
+        with Consumer(a, [Queue("keyed")], callbacks=[lambda body, msg: held.append(msg)], prefetch_count=1):
+            a.drain_events(timeout=5)
+            got = []
+            with Consumer(b, [Queue("keyed")], callbacks=[lambda body, msg: (got.append(body), msg.ack())]):
+                with pytest.raises(socket.timeout):
+                    b.drain_events(timeout=0.3)  # the key is held: nothing for b
+                threading.Timer(0.2, held[0].ack).start()
+                threading.Timer(0.3, lambda: a.transport.flush_acks()).start()
+                started = time.monotonic()
+                b.drain_events(timeout=20)
+                assert time.monotonic() - started < 10  # polling would take 30 s
+            assert got == [1]
+
+
+def test_without_auto_migrate_a_missing_schema_is_a_clear_error(pg_url, schema):
+    from kombu_pg.store import MigrationError
+
+    with pytest.raises(MigrationError, match="pg migrate"):
+        Connection(pg_url, transport_options={"schema": schema, "auto_migrate": False}).connect()
+
+
+def test_a_bare_host_name_with_virtual_host_as_database(pg_url, schema):
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(pg_url)
+    if not parts.hostname:
+        pytest.skip("the server listens on a Unix socket only")
+    with Connection(hostname=parts.hostname, port=parts.port, userid=parts.username or "postgres",
+                    virtual_host=parts.path.lstrip("/"), transport="postgresql",
+                    transport_options={"schema": schema}) as c:
+        assert c.default_channel.store.conn.info.dbname == parts.path.lstrip("/")
+
+
+@pytest.mark.parametrize("bad", [{"claim_batch_max": True}, {"visibility_timeout": True}, {"max_deliveries": 0},
+                                 {"polling_interval": -1}, {"auto_migrate": "yes"}])
+def test_invalid_option_values_are_refused(bad):
+    with pytest.raises(ConfigurationError):
+        Connection("postgresql://postgres@127.0.0.1:1/x", transport_options=bad).connect()

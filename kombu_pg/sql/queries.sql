@@ -109,7 +109,14 @@ SELECT * FROM {schema}.claim(%(queue)s, %(limit)s, %(consumer)s,
                              coalesce(%(max_deliveries)s, 2147483647), hashtext(%(namespace)s))
 
 -- name: ack
-DELETE FROM {schema}.messages WHERE lock_token = ANY(%(tokens)s::uuid[])
+-- Delete by lock token; acking a keyed message frees its key, so wake that queue's
+-- consumers for the key's next message.
+WITH gone AS (
+    DELETE FROM {schema}.messages WHERE lock_token = ANY(%(tokens)s::uuid[])
+    RETURNING queue, serial_key
+)
+SELECT queue, pg_notify(%(channel)s, queue)
+FROM (SELECT DISTINCT queue FROM gone WHERE serial_key IS NOT NULL) q
 
 -- name: requeue
 -- Unlock in place (never a copy): the message keeps its id, so its position.

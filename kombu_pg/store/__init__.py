@@ -6,7 +6,14 @@ a real PostgreSQL server.
 
 from .broker import BrokerStore, Claimed, RecoveryReport
 from .connect import connect
-from .migrations import MigrationError, apply_migrations, current_version, migration_sql, pending_migrations
+from .migrations import (
+    MigrationError,
+    apply_migrations,
+    check_version,
+    current_version,
+    migration_sql,
+    pending_migrations,
+)
 from .queries import Queries
 from .results import ChordProgress, ResultListener, ResultStore
 
@@ -17,6 +24,7 @@ __all__ = [
     "Queries",
     "RecoveryReport",
     "apply_migrations",
+    "check_version",
     "connect",
     "current_version",
     "migration_sql",

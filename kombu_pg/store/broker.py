@@ -214,11 +214,15 @@ class BrokerStore:
         ).fetchall()
         return _in_claim_order(rows)
 
-    def ack(self, tokens: Iterable[str]) -> None:
-        """Delete delivered messages; a token that no longer matches is a no-op (fencing)."""
+    def ack(self, tokens: Iterable[str]) -> list[str]:
+        """Delete delivered messages; a token that no longer matches is a no-op (fencing).
+
+        Returns the queues where a serial key was freed (their consumers were notified).
+        """
         tokens = list(tokens)
-        if tokens:
-            self._exec("ack", {"tokens": tokens})
+        if not tokens:
+            return []
+        return [r[0] for r in self._exec("ack", {"tokens": tokens, "channel": self.channel})]
 
     def requeue(self, tokens: Iterable[str]) -> list[str]:
         """Unlock delivered messages in place and wake consumers; return the queues."""

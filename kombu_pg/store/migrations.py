@@ -22,7 +22,7 @@ _FILE_RE = re.compile(r"^(\d{4})_(\w+)\.sql$")
 
 
 class MigrationError(RuntimeError):
-    """The database schema is missing or newer than this kombu-pg."""
+    """The database schema is behind (with auto-migration off) or ahead of this kombu-pg."""
 
 
 @dataclass(frozen=True)
@@ -50,13 +50,16 @@ def all_migrations() -> tuple[Migration, ...]:
     return tuple(found)
 
 
-def _bootstrap(schema: str) -> sql.Composed:
+def _create_schema(schema: str) -> sql.Composed:
+    return sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema))
+
+
+def _create_version_table(schema: str) -> sql.Composed:
     return sql.SQL(
-        "CREATE SCHEMA IF NOT EXISTS {schema};"
-        " CREATE TABLE IF NOT EXISTS {schema}.schema_version ("
+        "CREATE TABLE IF NOT EXISTS {}.schema_version ("
         " version integer PRIMARY KEY, name text NOT NULL,"
         " applied_at timestamptz NOT NULL DEFAULT now())"
-    ).format(schema=sql.Identifier(schema))
+    ).format(sql.Identifier(schema))
 
 
 def current_version(conn: psycopg.Connection, schema: str) -> int:
@@ -88,7 +91,7 @@ def pending_migrations(conn: psycopg.Connection, schema: str) -> list[Migration]
 def migration_sql(schema: str, from_version: int = 0) -> str:
     """The SQL a DBA can review and run by hand to bring ``schema`` up to date."""
     validate_schema(schema)
-    parts = [_bootstrap(schema).as_string(None) + ";"]
+    parts = [_create_schema(schema).as_string(None) + ";", _create_version_table(schema).as_string(None) + ";"]
     for m in all_migrations():
         if m.version > from_version:
             parts.append(f"-- {m.version:04d}_{m.name}\n" + m.render(schema).as_string(None))
@@ -98,6 +101,16 @@ def migration_sql(schema: str, from_version: int = 0) -> str:
                 .as_string(None)
             )
     return "\n\n".join(parts) + "\n"
+
+
+def check_version(conn: psycopg.Connection, schema: str) -> None:
+    """Raise MigrationError unless ``schema`` is exactly at this kombu-pg's version."""
+    missing = pending_migrations(conn, schema)
+    if missing:
+        raise MigrationError(
+            f"schema {schema!r} lacks migration(s) {', '.join(str(m.version) for m in missing)} and "
+            "auto_migrate is off: run `celery -A proj pg migrate` (or `kombu-pg migrate --print` for a DBA)"
+        )
 
 
 def apply_migrations(conn: psycopg.Connection, schema: str) -> list[int]:
@@ -111,7 +124,12 @@ def apply_migrations(conn: psycopg.Connection, schema: str) -> list[int]:
             "SELECT pg_advisory_xact_lock(hashtextextended('kombu_pg:migrate:' || %(schema)s, 0))",
             {"schema": schema},
         )
-        conn.execute(_bootstrap(schema))
+        # CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema
+        # exists; a role that owns a schema a DBA made for it must still be able to migrate.
+        exists = conn.execute("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %s)", (schema,))
+        if not exists.fetchone()[0]:
+            conn.execute(_create_schema(schema))
+        conn.execute(_create_version_table(schema))
         # Re-read under the lock: another process may have migrated meanwhile.
         for m in pending_migrations(conn, schema):
             conn.execute(m.render(schema))

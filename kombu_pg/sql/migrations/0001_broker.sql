@@ -1,5 +1,4 @@
 -- Broker tables: queues, exchanges, bindings, messages, consumers, invalid messages.
--- {schema} is replaced by the quoted schema identifier.
 
 CREATE TABLE {schema}.queues (
     name           text PRIMARY KEY,

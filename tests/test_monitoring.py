@@ -34,6 +34,8 @@ from tests.monitor_app import (
 #: the same flat table counts, so 200 is representative of 1,000.
 PING_ROUNDS = int(os.environ.get("KOMBU_PG_PING_ROUNDS", "200"))
 MONITOR_ROUNDS = 5
+#: x-expires (seconds) of the module worker's pidbox queue.
+LIVE_PIDBOX_EXPIRES = 4
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,10 @@ def app(pg_url, mschema):
 
 @pytest.fixture(scope="module")
 def worker(pg_url, mschema, app):
-    proc, node = start_worker(pg_url, mschema, events=True)
+    # Its pidbox queue gets a 4 s x-expires (Celery: 10 s) with recovery passes every 1 s,
+    # the same margin as the defaults (2 s): test_live_worker_keeps_its_pidbox_queue.
+    proc, node = start_worker(pg_url, mschema, events=True,
+                              extra_env={CONTROL_EXPIRES_ENV: str(LIVE_PIDBOX_EXPIRES)})
     proc.node = node
     yield proc
     proc.stop()
@@ -262,10 +267,13 @@ def test_control_add_and_cancel_consumer(app, worker, db):
     assert db.count("messages", "queue = %s AND lock_token IS NULL", [queue]) == 1
 
 
-def test_control_shutdown(app, pg_url, mschema, db):
+def test_control_shutdown(app, worker, pg_url, mschema, db):
     proc, node = start_worker(pg_url, mschema, events=False, queues=f"q_{uuid.uuid4().hex[:6]}")
     try:
         assert app.control.inspect(destination=[node], timeout=5).ping() == {node: {"ok": "pong"}}
+        # Two worker processes: a broadcast reaches both (one fanout copy each).
+        replies = app.control.inspect(destination=[node, worker.node], timeout=5).ping()
+        assert replies == {node: {"ok": "pong"}, worker.node: {"ok": "pong"}}
         pidbox = f"{node}.celery.pidbox"
         assert db.count("queues", "name = %s", [pidbox]) == 1
         app.control.shutdown(destination=[node])
@@ -374,3 +382,24 @@ def test_pings_and_monitors_leave_no_rows_behind(app, worker, db):
     poll(db.counts, lambda c: c == baseline, timeout=10,
          what=f"table counts back to the baseline {baseline}")
     print(f"{PING_ROUNDS} pings in {ping_seconds:.2f}s", file=sys.stderr)
+
+
+def test_live_worker_keeps_its_pidbox_queue(app, worker, db):
+    """x-expires must not remove a queue its consumer is using (research pitfall P8).
+
+    The worker's recovery passes touch its consumed queues; if they did not, another
+    process's recovery pass would delete the pidbox queue and remote control would go
+    silent (the worker never re-declares it).
+    """
+    pidbox = f"{worker.node}.celery.pidbox"
+    (created,) = db.rows("SELECT created_at FROM {s}.queues WHERE name = %s", [pidbox])[0]
+    assert db.count("queues", "name = %s AND expires_ms = %s", [pidbox, LIVE_PIDBOX_EXPIRES * 1000]) == 1
+    # Wait (if the module has not run that long already) until the queue has lived
+    # through two expiry periods; the worker is idle apart from its own housekeeping.
+    poll(lambda: db.count("queues", "name = %s AND created_at < now() - make_interval(secs => %s)",
+                          [pidbox, 2 * LIVE_PIDBOX_EXPIRES]),
+         lambda n: n == 1, timeout=3 * LIVE_PIDBOX_EXPIRES,
+         what=f"{pidbox} to be {2 * LIVE_PIDBOX_EXPIRES} s old (or it was deleted)")
+    assert inspect(app, worker).ping() == {worker.node: {"ok": "pong"}}
+    # The same row: never deleted and re-created.
+    assert db.rows("SELECT created_at FROM {s}.queues WHERE name = %s", [pidbox]) == [(created,)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, List, Mapping
 
 from kombu.serialization import loads as kombu_loads
 
@@ -57,7 +57,7 @@ class DLQ:
 
     # -- write -------------------------------------------------------------------------
 
-    def _targets(self, ids: Iterable[int] | None, filters: Mapping[str, Any] | None) -> list[int]:
+    def _targets(self, ids: Iterable[int] | None, filters: Mapping[str, Any] | None) -> List[int]:
         """Explicit ids, or the rows matching at least one filter; never 'everything'."""
         ids = list(ids or ())
         params = check_filters(filters)
@@ -70,7 +70,7 @@ class DLQ:
         return self._store().matching_ids(filters)
 
     def requeue(self, ids: Iterable[int] | None = None, *, filters: Mapping[str, Any] | None = None,
-                note: str | None = None, dry_run: bool = False, force: bool = False) -> list[RequeueResult]:
+                note: str | None = None, dry_run: bool = False, force: bool = False) -> List[RequeueResult]:
         """Send entries back to their queue.  Unknown ids give ``requeued=False, 'not found'``."""
         targets = self._targets(ids, filters)
         results = []
@@ -88,6 +88,10 @@ class DLQ:
                 results.append(self.requeue_one(dlq_id, note=note, force=force))
             except NotFound:
                 results.append(RequeueResult(dlq_id, False, "not found"))
+            except Exception as exc:  # one bad entry or a broker error must not hide the rest
+                self.runtime.reset_connection()
+                logger.error("celery_dlq: requeue of entry %s failed: %s", dlq_id, exc)
+                results.append(RequeueResult(dlq_id, False, f"error: {type(exc).__name__}: {exc}"))
         return results
 
     def requeue_one(self, dlq_id: int, *, note: str | None = None, force: bool = False) -> RequeueResult:
@@ -137,7 +141,7 @@ class DLQ:
         return RequeueResult(dlq_id, True, "requeued")
 
     def delete(self, ids: Iterable[int] | None = None, *, filters: Mapping[str, Any] | None = None,
-               dry_run: bool = False) -> list[int]:
+               dry_run: bool = False) -> List[int]:
         """Delete entries; returns the ids that existed (and were, or would be, deleted)."""
         targets = self._targets(ids, filters)
         if dry_run:

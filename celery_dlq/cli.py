@@ -170,6 +170,8 @@ def requeue(ctx, ids, note, force, dry_run, as_json, **kwargs):
         results = api.requeue(ids or None, filters=filters or None, note=note, dry_run=dry_run, force=force)
         _emit([r.__dict__ for r in results], as_json,
               "\n".join(f"{r.id}: {r.detail}" for r in results) or "nothing matched")
+        if any(r.detail.startswith("error:") for r in results):
+            return EXIT_ERROR
         missing = [r for r in results if r.detail == "not found"]
         return EXIT_NOT_FOUND if missing else EXIT_OK
 

@@ -113,7 +113,7 @@ def load(app) -> Settings:
         same_database = True
     schema = raw["dlq_schema"] or (broker_opts.schema if broker_opts else DEFAULT_SCHEMA)
     validate_schema(schema)
-    if kombu_pg_broker and schema != broker_opts.schema:
+    if broker_opts is not None and schema != broker_opts.schema:
         same_database = False  # the broker's tables are elsewhere: no atomic path
     max_deliveries = raw["dlq_max_deliveries"]
     if max_deliveries is None and broker_opts is not None:

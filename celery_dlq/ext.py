@@ -100,6 +100,7 @@ class DeadLetterQueue:
 
     def write(self, entry: Entry) -> int | None:
         """Capture one failure; a failed write is logged loudly, never raised into Celery."""
+        error: BaseException | None = None
         for attempt in (1, 2):
             try:
                 with self._lock:

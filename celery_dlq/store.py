@@ -12,7 +12,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, List, Mapping, Sequence
 
 import psycopg
 
@@ -147,11 +147,17 @@ class DLQStore:
     def _exec(self, name: str, params: Mapping[str, Any] | None = None) -> psycopg.Cursor:
         return self.conn.execute(self.q[name], params)
 
+    def _one(self, name: str, params: Mapping[str, Any] | None = None) -> tuple:
+        """The single row a statement always returns (aggregates, RETURNING of an upsert)."""
+        row = self._exec(name, params).fetchone()
+        assert row is not None, name
+        return row
+
     # -- capture ----------------------------------------------------------------------
 
     def capture(self, entry: Entry) -> tuple[int, int]:
         """Record a failure; return (row id, failure_count).  Same task id: same row."""
-        row = self._exec("capture", entry.params()).fetchone()
+        row = self._one("capture", entry.params())
         return row[0], row[1]
 
     def capture_if_absent(self, entry: Entry) -> int | None:
@@ -161,7 +167,8 @@ class DLQStore:
 
     # -- reaping -------------------------------------------------------------------------
 
-    def reap_batch(self, max_deliveries: int, limit: int = 500, queues: Sequence[str] | None = None) -> list[int]:
+    def reap_batch(self, max_deliveries: int, limit: int = 500,
+                   queues: Sequence[str] | None = None) -> List[int]:
         """One statement: move up to ``limit`` exhausted, unlocked messages; return DLQ ids."""
         if max_deliveries < 1:
             raise UsageError("max_deliveries must be >= 1")
@@ -194,19 +201,19 @@ class DLQStore:
         already in the DLQ).  This is the statement the transport runs for
         ``reject(requeue=False)`` when dead-lettering is on.
         """
-        existed, row_id = self._exec("reject_to_dlq", {"token": token, "detail": detail}).fetchone()
+        existed, row_id = self._one("reject_to_dlq", {"token": token, "detail": detail})
         return bool(existed), row_id
 
     def count_exhausted(self, max_deliveries: int) -> int:
-        return self._exec("count_exhausted", {"max_deliveries": max_deliveries}).fetchone()[0]
+        return self._one("count_exhausted", {"max_deliveries": max_deliveries})[0]
 
     # -- backstop sweep ---------------------------------------------------------------------
 
     def has_results_table(self) -> bool:
-        return bool(self._exec("results_table_exists", {"schema": self.schema}).fetchone()[0])
+        return bool(self._one("results_table_exists", {"schema": self.schema})[0])
 
     def backstop_candidates(self, window_seconds: float, limit: int = 500,
-                            excluded_tasks: Sequence[str] = ()) -> list[tuple]:
+                            excluded_tasks: Sequence[str] = ()) -> List[tuple]:
         """FAILURE results with no DLQ row (the result backend's table, same schema)."""
         return self._exec(
             "backstop_candidates",
@@ -224,21 +231,21 @@ class DLQStore:
         params = check_filters(filters)
         limit = max(1, min(int(limit), MAX_PAGE))
         rows = self._exec("list", {**params, "limit": limit, "cursor": cursor}).fetchall()
-        total = self._exec("count", params).fetchone()[0]
+        total = self._one("count", params)[0]
         out = [dict(zip(_LIST_COLUMNS, r)) for r in rows]
         next_cursor = out[-1]["id"] if len(out) == limit else None
         return Page(out, total, next_cursor)
 
     def count(self, filters: Mapping[str, Any] | None = None) -> int:
-        return self._exec("count", check_filters(filters)).fetchone()[0]
+        return self._one("count", check_filters(filters))[0]
 
-    def matching_ids(self, filters: Mapping[str, Any], limit: int = 100_000) -> list[int]:
+    def matching_ids(self, filters: Mapping[str, Any], limit: int = 100_000) -> List[int]:
         params = check_filters(filters)
         if not has_filter(params):
             raise UsageError("a bulk operation needs explicit ids or at least one filter")
         return [r[0] for r in self._exec("matching_ids", {**params, "limit": limit})]
 
-    def all_ids(self) -> list[int]:
+    def all_ids(self) -> List[int]:
         params = {key: None for key in FILTER_KEYS}
         return [r[0] for r in self._exec("matching_ids", {**params, "limit": 2**62})]
 
@@ -249,8 +256,7 @@ class DLQStore:
         return dict(zip(_GET_COLUMNS, row))
 
     def stats(self) -> dict:
-        total, failures, dead, requeued, resolved, oldest, newest, oldest_dead = self._exec(
-            "stats_totals").fetchone()
+        total, failures, dead, requeued, resolved, oldest, newest, oldest_dead = self._one("stats_totals")
         return {
             "total": total, "failures": int(failures), "dead": dead, "requeued": requeued,
             "resolved": resolved, "oldest": oldest, "newest": newest, "oldest_dead": oldest_dead,
@@ -260,7 +266,7 @@ class DLQStore:
 
     # -- changing ---------------------------------------------------------------------------
 
-    def delete(self, ids: Iterable[int]) -> list[int]:
+    def delete(self, ids: Iterable[int]) -> List[int]:
         """Delete rows in one round trip; return the ids that existed."""
         ids = [int(i) for i in ids]
         if not ids:
@@ -291,8 +297,8 @@ class DLQStore:
 
         The row is locked first, so two concurrent requeues of one row enqueue once.  The
         message is the stored Kombu message unchanged except for the ``dlq_id`` header
-        linking it to this row; it goes back to its original queue (reaped rows) or is
-        routed by its original exchange and routing key.
+        linking it to this row; it goes back to its original queue (rows taken from the
+        broker) or is routed by its original exchange and routing key (signal captures).
         """
         broker = BrokerStore(self.conn, self.schema)
         with self.conn.transaction():
@@ -303,7 +309,7 @@ class DLQStore:
                 return RequeueResult(dlq_id, False, f"already {row['status']}")
             payload = relink(row["message"], dlq_id)
             queues: list[str] = []
-            if row["source"] != "reaper" and row["exchange"]:
+            if row["source"] not in ("reaper", "broker") and row["exchange"]:
                 queues = broker.publish_routed(
                     row["exchange"], row["routing_key"] or "", payload,
                     priority=row["priority"] or 0, serial_key=row["serial_key"])
@@ -319,10 +325,10 @@ class DLQStore:
 
     # -- metrics -------------------------------------------------------------------------------
 
-    def metrics_size(self) -> list[tuple]:
+    def metrics_size(self) -> List[tuple]:
         return self._exec("metrics_size").fetchall()
 
-    def metrics_added(self) -> list[tuple]:
+    def metrics_added(self) -> List[tuple]:
         return self._exec("metrics_added").fetchall()
 
 

@@ -217,3 +217,37 @@ def test_retry_guard_turns_a_non_retryable_retry_into_a_failure(pg_url, schema):
     assert (row["reason"], row["retries"]) == ("non_retryable", 0)
     assert json.loads(DLQ(app).show(row["id"])["message"])["headers"]["task"] == charge.name
     app._celery_dlq.close()
+
+
+def test_jittered_countdowns_stay_within_the_preset_bounds(pg_url, schema):
+    """R2: with retry_jitter, Celery's countdown is random in [0, the preset delay]."""
+    app = Celery("j", broker="memory://", set_as_current=False)
+    app.conf.update(dlq_database_url=pg_url, dlq_schema=schema)
+    celery_dlq.install(app)
+    seen: dict[int, list] = {}
+
+    @app.task(bind=True, autoretry_for=(IOError,), **retry_policy("aggressive"))
+    def poll(self):
+        raise IOError("down")
+
+    original_retry = poll.retry
+
+    def spy(*args, **kwargs):
+        seen.setdefault(poll.request.retries, []).append(kwargs.get("countdown"))
+        kwargs["throw"] = False
+        return original_retry(*args, **kwargs)
+
+    poll.retry = spy
+    for _ in range(30):
+        for retries in range(9):
+            poll.push_request(retries=retries, id=str(uuid.uuid4()), called_directly=False)
+            try:
+                poll.run()
+            except Exception:
+                pass
+            finally:
+                poll.pop_request()
+    bounds = PRESETS["aggressive"].delays()
+    for retries, countdowns in seen.items():
+        assert all(0 <= c <= bounds[retries] for c in countdowns), (retries, countdowns)
+    assert len(set(seen[8])) > 1  # really random

@@ -213,7 +213,13 @@ class DeadLetterQueue:
         """Worker main process, before the pool, consumer and ``--purge``: capture first."""
         if getattr(sender, "app", None) is not self.app:
             return
-        settings = self.settings  # a configuration error stops the worker here, loudly
+        try:
+            settings = self.settings
+        except config.ConfigurationError as exc:
+            # Celery logs and swallows exceptions from signal handlers; a DLQ that is
+            # silently off is worse than a worker that refuses to start.
+            logger.critical("celery_dlq: %s", exc)
+            raise SystemExit(f"celery_dlq: {exc}") from None
         if not settings.enabled:
             self.warn_unrecoverable("worker start")
             return

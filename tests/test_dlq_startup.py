@@ -69,3 +69,15 @@ def test_with_the_dlq_disabled_the_worker_warns_that_messages_cannot_be_recovere
         worker.wait_for_line("cannot be recovered")
     with psycopg.connect(pg_url, autocommit=True) as conn:
         assert count(conn, schema, "dlq") == 0
+
+
+def test_a_misspelt_setting_stops_the_worker(pg_url, schema, tmp_path):
+    """Celery swallows signal-handler errors; the DLQ refuses to run silently misconfigured."""
+    setup_schema(pg_url, schema)
+    worker = start(pg_url, schema, tmp_path, {"dlq_max_delivries": 3})
+    try:
+        assert worker.proc.wait(60) != 0
+    finally:
+        worker.stop()  # also drains its output
+    assert "unknown celery_dlq setting(s) dlq_max_delivries" in "".join(worker.lines)
+    assert not worker.ready.is_set()

@@ -42,6 +42,8 @@ DEFAULTS: dict[str, Any] = {
     # Backstop: FAILURE results this recent (seconds) with no DLQ row are captured by the
     # reaper.  0 disables.  Needs the kombu-pg result backend in the same schema.
     "dlq_backstop_window": 86400.0,
+    # ...and at least this old (seconds), so a capture in progress is not raced.
+    "dlq_backstop_grace": 30.0,
     # lock_timeout/statement_timeout (seconds) of DLQ writes from task signals.
     "dlq_write_timeout": 5.0,
     # Apply kombu-pg migrations (the DLQ table is 0003) on first use.
@@ -67,6 +69,7 @@ class Settings:
     reap_batch_size: int
     reap_at_worker_start: bool
     backstop_window: float
+    backstop_grace: float
     write_timeout: float
     auto_migrate: bool
     request_memory: int
@@ -132,7 +135,7 @@ def load(app) -> Settings:
     batch = raw["dlq_reap_batch_size"]
     if not isinstance(batch, int) or batch < 1:
         raise ConfigurationError(f"dlq_reap_batch_size must be an integer >= 1, got {batch!r}")
-    for name in ("dlq_backstop_window", "dlq_write_timeout"):
+    for name in ("dlq_backstop_window", "dlq_backstop_grace", "dlq_write_timeout"):
         if not isinstance(raw[name], (int, float)) or raw[name] < 0:
             raise ConfigurationError(f"{name} must be a number >= 0, got {raw[name]!r}")
     return Settings(
@@ -149,6 +152,7 @@ def load(app) -> Settings:
         reap_batch_size=batch,
         reap_at_worker_start=bool(raw["dlq_reap_at_worker_start"]),
         backstop_window=float(raw["dlq_backstop_window"]),
+        backstop_grace=float(raw["dlq_backstop_grace"]),
         write_timeout=float(raw["dlq_write_timeout"]),
         auto_migrate=bool(raw["dlq_auto_migrate"]),
         request_memory=int(raw["dlq_request_memory"]),

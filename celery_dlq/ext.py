@@ -289,9 +289,11 @@ class DeadLetterQueue:
             if not store.has_results_table():
                 return 0
             while True:
-                rows = store.backstop_candidates(s.backstop_window, limit, sorted(s.excluded_tasks))
+                rows = store.backstop_candidates(s.backstop_window, limit, sorted(s.excluded_tasks),
+                                                 s.backstop_grace)
                 for row in rows:
-                    if store.capture_if_absent(entry_from_result(row)) is not None:
+                    entry = entry_from_result(row, s)
+                    if entry is not None and store.capture_if_absent(entry) is not None:
                         swept += 1
                 if len(rows) < limit:
                     break
@@ -363,19 +365,53 @@ def _decode(data, content_type, content_encoding):
         return None
 
 
-def entry_from_result(row) -> Entry:
-    """A DLQ entry rebuilt from a FAILURE row of the result backend (backstop sweep)."""
+def _result_reason(exc_class: type | None, retries: int, settings: config.Settings | None) -> str | None:
+    """The same rules as :func:`classify`, from what the result backend kept."""
+    from celery.exceptions import MaxRetriesExceededError, Reject
+
+    if exc_class is not None and issubclass(exc_class, Reject):
+        return "rejected"
+    if exc_class is not None and issubclass(exc_class, MaxRetriesExceededError):
+        return "retries_exhausted"
+    if exc_class is not None and settings is not None and (
+            issubclass(exc_class, NonRetryable) or issubclass(exc_class, settings.non_retryable or ())):
+        return "non_retryable"
+    if retries:
+        return "retries_exhausted"
+    if settings is None or settings.capture_unclassified:
+        return "non_retryable"
+    return None
+
+
+def _loaded_class(module: str | None, name: str | None) -> type | None:
+    """The exception class if its module is already imported (nothing is imported here)."""
+    import sys
+
+    if not name:
+        return None
+    cls = getattr(sys.modules.get(module or "builtins"), name, None)
+    return cls if isinstance(cls, type) and issubclass(cls, BaseException) else None
+
+
+def entry_from_result(row, settings: config.Settings | None = None) -> Entry | None:
+    """A DLQ entry rebuilt from a FAILURE row of the result backend (backstop sweep);
+    None when the DLQ rules would not have captured that failure."""
     (task_id, name, queue, retries, worker, content_type, content_encoding, result, traceback,
      args, kwargs) = row
     meta = _decode(result, content_type, content_encoding)
     exc_type = exc_message = None
+    exc_class = None
     if isinstance(meta, dict):
         exc_type = meta.get("exc_type")
+        exc_class = _loaded_class(meta.get("exc_module"), exc_type)
         if meta.get("exc_module") and meta["exc_module"] != "builtins" and exc_type:
             exc_type = f"{meta['exc_module']}.{exc_type}"
         message = meta.get("exc_message")
         exc_message = " ".join(map(str, message)) if isinstance(message, (list, tuple)) else (
             None if message is None else str(message))
+    reason = _result_reason(exc_class, retries or 0, settings)
+    if reason is None:
+        return None
     args = _decode(args, content_type, content_encoding)
     kwargs = _decode(kwargs, content_type, content_encoding)
     body_ct, body_ce, data = kombu_dumps(
@@ -392,8 +428,7 @@ def entry_from_result(row) -> Entry:
                        "delivery_info": {"exchange": "", "routing_key": queue}},
     }
     return Entry(
-        message=json.dumps(doc, default=str), reason="retries_exhausted" if retries else "non_retryable",
-        source="backstop", task_id=task_id, task_name=name, queue=queue, exchange=None,
+        message=json.dumps(doc, default=str), reason=reason, source="backstop", task_id=task_id, task_name=name, queue=queue, exchange=None,
         routing_key=queue, exception_type=exc_type, exception_message=exc_message,
         traceback=traceback, retries=retries or 0, worker=worker,
     )

@@ -213,11 +213,13 @@ class DLQStore:
         return bool(self._one("results_table_exists", {"schema": self.schema})[0])
 
     def backstop_candidates(self, window_seconds: float, limit: int = 500,
-                            excluded_tasks: Sequence[str] = ()) -> List[tuple]:
-        """FAILURE results with no DLQ row (the result backend's table, same schema)."""
+                            excluded_tasks: Sequence[str] = (), grace_seconds: float = 0) -> List[tuple]:
+        """FAILURE results with no DLQ row (the result backend's table, same schema),
+        stored between ``window_seconds`` and ``grace_seconds`` ago."""
         return self._exec(
             "backstop_candidates",
-            {"window": window_seconds, "limit": limit, "excluded": list(excluded_tasks)},
+            {"window": window_seconds, "limit": limit, "excluded": list(excluded_tasks),
+             "grace": grace_seconds},
         ).fetchall()
 
     def forget_tombstones(self, window_seconds: float) -> int:

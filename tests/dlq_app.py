@@ -53,6 +53,7 @@ def make_app(url: str, schema: str, **conf) -> Celery:
         worker_hijack_root_logger=True,
         dlq_non_retryable_exceptions=[ConfiguredPermanent],
         dlq_write_timeout=1.0,
+        dlq_backstop_grace=1.0,
         beat_schedule_filename=os.environ.get("DLQ_BEAT_FILE", "/tmp/dlq-beat-schedule"),
     )
     app.conf.update(conf)

@@ -251,3 +251,37 @@ def test_jittered_countdowns_stay_within_the_preset_bounds(pg_url, schema):
     for retries, countdowns in seen.items():
         assert all(0 <= c <= bounds[retries] for c in countdowns), (retries, countdowns)
     assert len(set(seen[8])) > 1  # really random
+
+
+def test_backstop_sweep_respects_grace_and_tombstones(pg_url, schema, caplog):
+    """R5 in-process: a failed DLQ write is logged CRITICAL; the sweep captures the FAILURE
+    result once it is older than the grace period, and never resurrects a deleted entry."""
+    app = Celery("b", broker=pg_url, backend=pg_url, set_as_current=False)
+    app.conf.update(broker_transport_options={"schema": schema},
+                    result_backend_transport_options={"schema": schema}, result_extended=True,
+                    task_always_eager=True, task_store_eager_result=True, dlq_write_timeout=1.0,
+                    dlq_backstop_grace=3600.0)
+    api = DLQ(app)
+
+    @app.task(name="proj.boom")
+    def boom(x):
+        raise NonRetryable(f"no {x}")
+
+    api.stats()  # migrations applied
+    with psycopg.connect(pg_url) as blocker:
+        blocker.execute(sql.SQL("LOCK TABLE {}.dlq IN SHARE MODE").format(sql.Identifier(schema)))
+        result = boom.apply((7,))
+        blocker.rollback()
+    assert result.failed()
+    assert "DLQ WRITE FAILED for task proj.boom[%s]" % result.id in caplog.text
+    assert api.reap()["swept"] == 0  # younger than the grace period
+    object.__setattr__(api.settings, "backstop_grace", 0.0)
+    assert api.reap()["swept"] == 1
+    [row] = api.list().rows
+    assert (row["task_id"], row["reason"], row["source"]) == (result.id, "non_retryable", "backstop")
+    assert row["exception_type"] == "celery_dlq.capture.NonRetryable"
+    assert api.show(row["id"])["call"]["args"] == [7]
+    assert api.reap()["swept"] == 0  # idempotent
+    api.delete([row["id"]])
+    assert api.reap()["swept"] == 0  # the tombstone keeps it deleted
+    api.close()

@@ -157,6 +157,8 @@ SELECT r.task_id, r.name, r.queue, coalesce(r.retries, 0), r.worker, r.content_t
 FROM {schema}.results r
 WHERE r.status = 'FAILURE' AND r.name IS NOT NULL
   AND r.date_done >= now() - make_interval(secs => %(window)s)
+  -- A failure the signal handler is writing right now is not the sweep's business.
+  AND r.date_done < now() - make_interval(secs => %(grace)s)
   AND NOT EXISTS (SELECT 1 FROM {schema}.dlq d WHERE d.task_id = r.task_id)
   AND NOT EXISTS (SELECT 1 FROM {schema}.dlq_tombstones t WHERE t.task_id = r.task_id)
   AND NOT (r.name = ANY(%(excluded)s::text[]))

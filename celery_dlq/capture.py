@@ -21,6 +21,9 @@ class NonRetryable(Exception):
     """
 
 
+#: The kombu-pg message header naming a serial key (kombu_pg.transport.SERIAL_KEY_HEADER).
+SERIAL_KEY_HEADER = "serial_key"
+
 # Protocol 2 header names (celery.app.amqp.as_task_v2); everything else is custom.
 CELERY_HEADERS = (
     "lang", "task", "id", "shadow", "eta", "expires", "group", "group_index", "retries",
@@ -134,13 +137,17 @@ def entry_from_message(doc: dict, *, reason: str, source: str, exc: BaseExceptio
         exchange=info.get("exchange"),
         routing_key=info.get("routing_key"),
         priority=_int(props.get("priority")),
-        serial_key=serial_key,
+        serial_key=serial_key or _text(headers.get(SERIAL_KEY_HEADER)),
         exception_type=exception_type(exc) if exc is not None else None,
         exception_message=exception_text(exc) if exc is not None else None,
         traceback=traceback,
         retries=retries if retries is not None else _int(headers.get("retries")),
         worker=worker,
     )
+
+
+def _text(value: Any) -> str | None:
+    return None if value in (None, "") else str(value)
 
 
 def _int(value: Any) -> int:

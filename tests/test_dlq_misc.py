@@ -285,3 +285,12 @@ def test_backstop_sweep_respects_grace_and_tombstones(pg_url, schema, caplog):
     api.delete([row["id"]])
     assert api.reap()["swept"] == 0  # the tombstone keeps it deleted
     api.close()
+
+
+def test_a_serial_key_header_is_kept_for_requeue_and_labels():
+    from celery_dlq.capture import entry_from_message
+
+    doc = json.loads(kombu_message(extra_headers={"serial_key": "acct-9"}))
+    entry = entry_from_message(doc, reason="non_retryable", source="trace", exc=ValueError("x"),
+                               traceback=None, worker="w1")
+    assert entry.serial_key == "acct-9" and entry.exception_type == "ValueError"

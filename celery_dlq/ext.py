@@ -288,15 +288,17 @@ class DeadLetterQueue:
             store = self.store()
             if not store.has_results_table():
                 return 0
+            after = None
             while True:
                 rows = store.backstop_candidates(s.backstop_window, limit, sorted(s.excluded_tasks),
-                                                 s.backstop_grace)
+                                                 s.backstop_grace, after)
                 for row in rows:
-                    entry = entry_from_result(row, s)
+                    entry = entry_from_result(row[:-1], s)
                     if entry is not None and store.capture_if_absent(entry) is not None:
                         swept += 1
                 if len(rows) < limit:
                     break
+                after = (rows[-1][-1], rows[-1][0])  # skipped rows stay behind the cursor
             store.forget_tombstones(max(s.backstop_window, 1.0) * 2)
         if swept:
             logger.warning("celery_dlq: backstop sweep captured %d failure(s) missing from the DLQ", swept)

@@ -213,13 +213,16 @@ class DLQStore:
         return bool(self._one("results_table_exists", {"schema": self.schema})[0])
 
     def backstop_candidates(self, window_seconds: float, limit: int = 500,
-                            excluded_tasks: Sequence[str] = (), grace_seconds: float = 0) -> List[tuple]:
+                            excluded_tasks: Sequence[str] = (), grace_seconds: float = 0,
+                            after: tuple | None = None) -> List[tuple]:
         """FAILURE results with no DLQ row (the result backend's table, same schema),
-        stored between ``window_seconds`` and ``grace_seconds`` ago."""
+        stored between ``window_seconds`` and ``grace_seconds`` ago, after the
+        ``(date_done, task_id)`` position ``after``.  The last column is date_done."""
+        after_ts, after_id = after if after else (None, None)
         return self._exec(
             "backstop_candidates",
             {"window": window_seconds, "limit": limit, "excluded": list(excluded_tasks),
-             "grace": grace_seconds},
+             "grace": grace_seconds, "after_ts": after_ts, "after_id": after_id},
         ).fetchall()
 
     def forget_tombstones(self, window_seconds: float) -> int:

@@ -294,3 +294,29 @@ def test_a_serial_key_header_is_kept_for_requeue_and_labels():
     entry = entry_from_message(doc, reason="non_retryable", source="trace", exc=ValueError("x"),
                                traceback=None, worker="w1")
     assert entry.serial_key == "acct-9" and entry.exception_type == "ValueError"
+
+
+def test_backstop_sweep_pages_past_failures_it_does_not_capture(pg_url, schema):
+    """A batch full of failures the rules skip must not stall (or loop) the sweep."""
+    app = Celery("p", broker=pg_url, backend=pg_url, set_as_current=False)
+    app.conf.update(broker_transport_options={"schema": schema},
+                    result_backend_transport_options={"schema": schema}, result_extended=True,
+                    dlq_capture_unclassified=False, dlq_backstop_grace=0.0)
+    api = DLQ(app)
+    api.stats()
+    backend = app.backend
+    for i in range(5):  # unclassified first failures: skipped by the rules
+        backend.mark_as_failure(f"skip-{i}", ValueError("x"), request=_request(app, f"skip-{i}", 0))
+    backend.mark_as_failure("keep-1", ValueError("y"), request=_request(app, "keep-1", 3))
+    runtime = api.runtime
+    assert runtime.sweep(limit=2) == 1
+    assert [r["task_id"] for r in api.list().rows] == ["keep-1"]
+    assert api.list().rows[0]["reason"] == "retries_exhausted"
+    api.close()
+
+
+def _request(app, task_id, retries):
+    from celery.app.task import Context
+
+    return Context(id=task_id, task="proj.job", args=[1], kwargs={}, retries=retries,
+                   delivery_info={"routing_key": "celery"}, hostname="w1", ignore_result=False)

@@ -151,18 +151,20 @@ WITH ins AS (
 SELECT id FROM ins
 
 -- name: backstop_candidates
--- FAILURE results (result backend table) that never reached the DLQ.
+-- FAILURE results (result backend table) that never reached the DLQ, in (date_done,
+-- task_id) order after the given position (keyset: rows the caller skipped stay behind).
 SELECT r.task_id, r.name, r.queue, coalesce(r.retries, 0), r.worker, r.content_type,
-       r.content_encoding, r.result, r.traceback, r.args, r.kwargs
+       r.content_encoding, r.result, r.traceback, r.args, r.kwargs, r.date_done
 FROM {schema}.results r
 WHERE r.status = 'FAILURE' AND r.name IS NOT NULL
   AND r.date_done >= now() - make_interval(secs => %(window)s)
   -- A failure the signal handler is writing right now is not the sweep's business.
   AND r.date_done < now() - make_interval(secs => %(grace)s)
+  AND (%(after_ts)s::timestamptz IS NULL OR (r.date_done, r.task_id) > (%(after_ts)s, %(after_id)s::text))
   AND NOT EXISTS (SELECT 1 FROM {schema}.dlq d WHERE d.task_id = r.task_id)
   AND NOT EXISTS (SELECT 1 FROM {schema}.dlq_tombstones t WHERE t.task_id = r.task_id)
   AND NOT (r.name = ANY(%(excluded)s::text[]))
-ORDER BY r.date_done
+ORDER BY r.date_done, r.task_id
 LIMIT %(limit)s
 
 -- name: results_table_exists

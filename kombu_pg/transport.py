@@ -117,7 +117,10 @@ class Channel(virtual.Channel):
         # auto_delete/exclusive queues this channel declared: deleted when it closes.
         self._owned_queues: set[str] = set()
         # Connect now, so a bad URL fails in Connection.connect(), not at first use.
-        self.store = connection.work_store()
+        self.store = self._open_store()
+
+    def _open_store(self) -> BrokerStore:
+        return self.connection.work_store()
 
     # -- declarations ----------------------------------------------------------
 

@@ -262,7 +262,12 @@ def reap(ctx, dry_run, loop, interval, as_json):
     """Move exhausted broker messages to the DLQ and sweep missed failures (cron-friendly)."""
     def run(api):
         if loop:
-            reaper = ReaperLoop(lambda: _emit(api.reap(), as_json, None), interval)
+            def one_pass():
+                report = api.reap()
+                _emit(report, as_json, ", ".join(f"{k} {v}" for k, v in report.items()))
+                sys.stdout.flush()
+
+            reaper = ReaperLoop(one_pass, interval)
             signal.signal(signal.SIGTERM, lambda *a: reaper.stop())
             signal.signal(signal.SIGINT, lambda *a: reaper.stop())
             reaper.run()

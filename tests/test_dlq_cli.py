@@ -149,3 +149,27 @@ def test_the_real_celery_command_line(env):
     assert proc.returncode == EXIT_OK, proc.stderr
     shown = json.loads(proc.stdout)
     assert shown["id"] == row_id and shown["call"]["args"] == [1, 2]
+
+
+def test_reap_loop_runs_at_once_and_stops_on_sigterm(env):
+    """B2 at the command line: first pass immediately, SIGTERM ends it promptly."""
+    import signal
+    import time
+
+    tests_dir = Path(__file__).resolve().parent
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery_dlq", "-A", "dlq_app", "dlq", "reap", "--loop", "--interval", "3600"],
+        cwd=tests_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "KOMBU_PG_URL": env["url"], "DLQ_SCHEMA": env["schema"],
+             "PYTHONPATH": str(tests_dir), "PYTHONUNBUFFERED": "1"})
+    try:
+        first = proc.stdout.readline()  # blocks until the first pass reports
+        assert first.startswith("moved 0, swept 0"), first
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert proc.wait(10) == EXIT_OK
+        assert time.monotonic() - started < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

@@ -174,12 +174,21 @@ class DeadLetterQueue:
             reason = classify(task, exception, retries, settings)
             if reason is None:
                 return
-            if worker_request is not None:
-                doc, source = message_from_kombu(worker_request.message), "worker"
-            elif in_context:
-                doc, source = message_from_context(task, ctx, args, kwargs), "trace"
-            else:
-                doc, source = minimal_message(task, task_id, args, kwargs), "trace"
+            source = "worker" if worker_request is not None else "trace"
+            try:
+                if worker_request is not None:
+                    doc = message_from_kombu(worker_request.message)
+                elif in_context:
+                    doc = message_from_context(task, ctx, args, kwargs)
+                else:
+                    doc = minimal_message(task, task_id, args, kwargs)
+            except Exception as exc:
+                # Arguments the serializer refuses: keep the failure, say what is missing.
+                logger.error("celery_dlq: the message of %s[%s] cannot be rebuilt (%s); "
+                             "captured without its arguments", task.name, task_id, exc)
+                doc = minimal_message(task, task_id, (), {})
+                doc["headers"]["argsrepr"] = getattr(ctx, "argsrepr", None) if in_context else None
+                doc["headers"]["dlq_unrebuildable"] = f"{type(exc).__name__}: {exc}"
             entry = entry_from_message(
                 doc, reason=reason, source=source, exc=exception,
                 traceback=getattr(einfo, "traceback", None), retries=retries,

@@ -320,3 +320,20 @@ def _request(app, task_id, retries):
 
     return Context(id=task_id, task="proj.job", args=[1], kwargs={}, retries=retries,
                    delivery_info={"routing_key": "celery"}, hostname="w1", ignore_result=False)
+
+
+def test_a_failure_whose_arguments_cannot_be_serialized_is_still_captured(pg_url, schema):
+    app = Celery("u", broker="memory://", set_as_current=False)
+    app.conf.update(dlq_database_url=pg_url, dlq_schema=schema, task_always_eager=True)
+    celery_dlq.install(app)
+
+    @app.task(name="proj.takes_object")
+    def takes_object(obj):
+        raise NonRetryable("no")
+
+    takes_object.apply((object(),))
+    [row] = DLQ(app).list().rows
+    assert row["task_name"] == "proj.takes_object" and row["reason"] == "non_retryable"
+    headers = json.loads(DLQ(app).show(row["id"])["message"])["headers"]
+    assert "dlq_unrebuildable" in headers
+    app._celery_dlq.close()

@@ -436,3 +436,32 @@ def test_a_message_that_kills_its_worker_stops_after_max_deliveries_and_is_kept(
     assert survivor.proc.poll() is None
     stats = {s["queue"]: s for s in BrokerStore(pg_conn, schema).queue_stats(max_deliveries=3)}
     assert (stats["celery"]["poison"], stats["celery"]["ready"]) == (1, 0)
+
+
+@pytest.mark.xfail(strict=True, reason="Channel.basic_publish on a channel closed by a reconnect raises "
+                   "AttributeError (self.connection is None) instead of a connection error, so Kombu's "
+                   "publish retry gives up when the reconnect happens inside the retried declare")
+def test_publish_retry_survives_a_reconnect_during_its_declare(kombu_conns, pg_conn, schema):
+    """What a server restart does to a retried Celery publish, made deterministic.
+
+    Kombu's Producer._publish takes its channel, then declares (retried on its own), then
+    publishes on the channel it took.  If the declare has to reconnect, that channel is
+    closed by then: the transport must answer with a recoverable connection error, so the
+    outer retry publishes again on the new channel.
+    """
+    queue = Queue("retried")
+    p = kombu_conns("chaos_p")
+    producer = Producer(p)
+    declare = producer.maybe_declare
+
+    def declare_after_losing_the_session(entity, *args, **kwargs):
+        # The session dies between the publish taking its channel and the declare.
+        terminate(pg_conn, [r[0] for r in pg_conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'chaos_p'")])
+        producer.maybe_declare = declare  # once
+        return declare(entity, *args, **kwargs)
+
+    producer.maybe_declare = declare_after_losing_the_session
+    producer.publish("once", routing_key="retried", declare=[queue], retry=True,
+                     retry_policy={"max_retries": 3, "interval_start": 0})
+    assert [m["queue"] for m in messages(pg_conn, schema)] == ["retried"]

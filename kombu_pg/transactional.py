@@ -42,10 +42,9 @@ class _TransactionChannel(Channel):
     def _open_store(self) -> BrokerStore:
         return self._foreign_store
 
-    def _insert(self, queue, row) -> None:
+    def _should_notify(self, queue, row) -> bool:
         # PostgreSQL delivers the NOTIFY at commit, once per transaction and queue.
-        self.store.publish(queue, row.payload, priority=row.priority, ttl=row.ttl,
-                           serial_key=row.serial_key, visible_at=row.visible_at, notify=True)
+        return True
 
     def close(self) -> None:
         # Nothing to hand back and nothing to close: the connection is the application's.

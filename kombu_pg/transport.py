@@ -31,7 +31,7 @@ from kombu.utils.json import dumps, loads
 from kombu.utils.scheduling import FairCycle
 
 from .config import Options, build_conninfo, redact
-from .store import BrokerStore, Claimed, apply_migrations, check_version, connect
+from .store import JOB_KEY_MODES, BrokerStore, Claimed, JobPublish, apply_migrations, check_version, connect
 from .store.broker import DUE_PREFIX
 from .store.wakeups import Listener, NotifyDebouncer
 
@@ -114,6 +114,8 @@ class Channel(virtual.Channel):
     def __init__(self, connection: "Transport", **kwargs: Any) -> None:
         super().__init__(connection, **kwargs)
         self._noack_queues: set[str] = set()
+        #: What the last publish with a job key did (read by kombu_pg.jobs).
+        self.last_job_publish: JobPublish | None = None
         # auto_delete/exclusive queues this channel declared: deleted when it closes.
         self._owned_queues: set[str] = set()
         # Connect now, so a bad URL fails in Connection.connect(), not at first use.
@@ -218,6 +220,9 @@ class Channel(virtual.Channel):
                 raise ValueError("publish to the default exchange needs a routing key (the queue name)")
             self._insert(queue, row)
             return
+        if row.job_key is not None:
+            raise ValueError("job keys need the default exchange (routing key = queue): one waiting "
+                             "message per key cannot span several bound queues")
         queues = self.store.publish_routed(exchange, routing_key, row.payload, priority=row.priority,
                                            ttl=row.ttl, serial_key=row.serial_key,
                                            visible_at=row.visible_at)
@@ -231,10 +236,23 @@ class Channel(virtual.Channel):
                                  native_delay=self.connection.options.native_delayed_delivery)
 
     def _insert(self, queue: str, row: "_Row") -> None:
+        if row.job_key is not None:
+            self._insert_job(queue, row)
+            return
+        self.store.publish(queue, row.payload, priority=row.priority, ttl=row.ttl, serial_key=row.serial_key,
+                           visible_at=row.visible_at, notify=self._should_notify(queue, row))
+
+    def _should_notify(self, queue: str, row: "_Row") -> bool:
         # A delayed message's NOTIFY only announces its due time: never debounced away.
-        notify = row.visible_at is not None or self.connection.debouncer.should_notify(queue)
-        self.store.publish(queue, row.payload, priority=row.priority, ttl=row.ttl,
-                           serial_key=row.serial_key, visible_at=row.visible_at, notify=notify)
+        return row.visible_at is not None or self.connection.debouncer.should_notify(queue)
+
+    def _insert_job(self, queue: str, row: "_Row") -> None:
+        self.last_job_publish = self.store.publish_job(
+            queue, row.payload, row.job_key, mode=row.job_key_mode, priority=row.priority, ttl=row.ttl,
+            serial_key=row.serial_key, visible_at=row.visible_at)
+        if self.last_job_publish.outcome == "dropped":
+            logger.info("kombu-pg: message with job key %r dropped: one is already waiting (mode keep)",
+                        row.job_key)
 
     def _put(self, queue, message, **kwargs):
         self._insert(queue, self._row(message))
@@ -749,6 +767,10 @@ class Transport(virtual.Transport):
 
 #: Message header naming the serial key: one message per key in flight, cluster-wide.
 SERIAL_KEY_HEADER = "serial_key"
+#: Message headers naming the job key (one waiting message per key) and what a second
+#: publish with the key does: replace (default), preserve_eta or keep.
+JOB_KEY_HEADER = "job_key"
+JOB_KEY_MODE_HEADER = "job_key_mode"
 
 
 @dataclass(frozen=True)
@@ -760,18 +782,29 @@ class _Row:
     ttl: float | None
     serial_key: str | None
     visible_at: datetime | None = None
+    job_key: str | None = None
+    job_key_mode: str = "replace"
 
     @classmethod
     def from_message(cls, message: dict, priority: int, *, native_delay: bool = False) -> "_Row":
         headers = message.get("headers") or {}
-        serial_key = headers.get(SERIAL_KEY_HEADER)
+        job_key_mode = headers.get(JOB_KEY_MODE_HEADER) or "replace"
+        if job_key_mode not in JOB_KEY_MODES:
+            raise ValueError(f"{JOB_KEY_MODE_HEADER} must be one of {', '.join(JOB_KEY_MODES)}, "
+                             f"not {job_key_mode!r}")
         return cls(
             payload=dumps(message),
             priority=priority,
             ttl=_ttl_seconds(message),
-            serial_key=None if serial_key in (None, "") else str(serial_key),
+            serial_key=_key(headers.get(SERIAL_KEY_HEADER)),
             visible_at=_celery_eta(headers) if native_delay else None,
+            job_key=_key(headers.get(JOB_KEY_HEADER)),
+            job_key_mode=job_key_mode,
         )
+
+
+def _key(value: Any) -> str | None:
+    return None if value in (None, "") else str(value)
 
 
 def _celery_eta(headers: dict) -> datetime | None:

@@ -279,3 +279,31 @@ SELECT queue, pg_notify(%(channel)s, queue) FROM (SELECT DISTINCT queue FROM pro
 -- Seconds until the next delayed message is due (NULL: none waiting).
 SELECT extract(epoch FROM min(visible_at) - now()) FROM {schema}.messages
 WHERE visible_at IS NOT NULL AND lock_token IS NULL
+
+-- name: publish_job
+-- One message with a job key, in one statement: insert, or replace the waiting message
+-- with the key (keeping its due time for 'preserve_eta'), or ('keep') leave it alone.
+-- Returns nothing when dropped.
+INSERT INTO {schema}.messages AS m (queue, priority, payload, serial_key, visible_at, expires_at, job_key)
+SELECT %(queue)s, %(priority)s, %(payload)s, %(serial_key)s,
+       CASE WHEN %(visible_at)s::timestamptz > now() THEN %(visible_at)s::timestamptz END,
+       LEAST(now() + make_interval(secs => %(ttl)s),
+             now() + make_interval(secs => q.message_ttl_ms / 1000.0)),
+       %(job_key)s
+FROM (VALUES (1)) AS one (x) LEFT JOIN {schema}.queues q ON q.name = %(queue)s
+ON CONFLICT (job_key) WHERE job_key IS NOT NULL AND lock_token IS NULL
+DO UPDATE SET
+    queue = EXCLUDED.queue,
+    priority = EXCLUDED.priority,
+    payload = EXCLUDED.payload,
+    serial_key = EXCLUDED.serial_key,
+    expires_at = EXCLUDED.expires_at,
+    visible_at = CASE WHEN %(mode)s = 'preserve_eta' THEN m.visible_at ELSE EXCLUDED.visible_at END,
+    replaced_task_id = m.payload::json -> 'headers' ->> 'id',
+    delivery_count = 0
+WHERE %(mode)s <> 'keep' AND m.lock_token IS NULL
+RETURNING xmax = 0 AS inserted,
+          replaced_task_id,
+          EXISTS (SELECT 1 FROM {schema}.messages f
+                  WHERE f.job_key = %(job_key)s AND f.lock_token IS NOT NULL) AS behind_in_flight,
+          pg_notify(%(channel)s, coalesce(%(notify_payload)s, queue)) AS notified

@@ -4,7 +4,7 @@ Nothing in this package imports Kombu or Celery, so it can be tested on its own 
 a real PostgreSQL server.
 """
 
-from .broker import BrokerStore, Claimed, RecoveryReport
+from .broker import JOB_KEY_MODES, BrokerStore, Claimed, JobPublish, RecoveryReport
 from .connect import connect
 from .migrations import (
     MigrationError,
@@ -18,7 +18,9 @@ from .queries import Queries
 from .results import ChordProgress, ResultListener, ResultStore
 
 __all__ = [
+    "JOB_KEY_MODES",
     "BrokerStore",
+    "JobPublish",
     "Claimed",
     "MigrationError",
     "Queries",

@@ -27,6 +27,18 @@ class Claimed:
     delivery_count: int
 
 
+@dataclass(frozen=True)
+class JobPublish:
+    """What a publish with a job key did: ``enqueued``, ``replaced``, ``dropped`` or
+    ``queued_behind_in_flight`` (inserted while a message with the key is being processed)."""
+
+    outcome: str
+    replaced_task_id: str | None = None
+
+
+JOB_KEY_MODES = ("replace", "preserve_eta", "keep")
+
+
 @dataclass
 class RecoveryReport:
     ran: bool = False
@@ -191,6 +203,39 @@ class BrokerStore:
             ),
         ).fetchall()
         return [r[0] for r in rows]
+
+    def publish_job(
+        self,
+        queue: str,
+        payload: str,
+        job_key: str,
+        *,
+        mode: str = "replace",
+        priority: int = 0,
+        ttl: float | None = None,
+        serial_key: str | None = None,
+        visible_at: datetime | None = None,
+    ) -> JobPublish:
+        """Insert a message with a job key, or replace/keep the waiting one, in one statement.
+
+        ``replace`` gives the waiting message the new body, priority and due time;
+        ``preserve_eta`` does the same but keeps its due time; ``keep`` drops the new one.
+        A message with the key that is in flight is never modified.
+        """
+        if mode not in JOB_KEY_MODES:
+            raise ValueError(f"job key mode must be one of {', '.join(JOB_KEY_MODES)}, not {mode!r}")
+        row = self._exec(
+            "publish_job",
+            dict(queue=queue, payload=payload, job_key=job_key, mode=mode, priority=priority, ttl=ttl,
+                 serial_key=serial_key, visible_at=visible_at, channel=self.channel,
+                 notify_payload=due_payload(visible_at)),
+        ).fetchone()
+        if row is None:
+            return JobPublish("dropped")
+        inserted, replaced_task_id, behind_in_flight, _ = row
+        if not inserted:
+            return JobPublish("replaced", replaced_task_id)
+        return JobPublish("queued_behind_in_flight" if behind_in_flight else "enqueued")
 
     def promote_due(self) -> list[str]:
         """Make due delayed messages ready and wake their consumers; return the queues."""

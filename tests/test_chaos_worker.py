@@ -315,8 +315,12 @@ def test_kombu_connection_recovers_with_ensure_connection_after_its_sessions_end
     c.ensure_connection(max_retries=3)
     assert c.connected
     Producer(c.default_channel).publish("two", routing_key="again")
-    bodies = [receive_one(c, queue) for _ in range(2)]
-    assert sorted(m.payload for m in bodies) == ["one", "two"]
+    bodies = []
+    for _ in range(2):
+        message = receive_one(c, queue)
+        bodies.append(message.payload)
+        message.ack()
+    assert sorted(bodies) == ["one", "two"]
 
 
 # -- 4. hung workers --------------------------------------------------------------------------

@@ -465,6 +465,7 @@ def install(app) -> DeadLetterQueue:
         return dlq.reap()
 
     def schedule(sender=None, **kwargs):
+        _dead_letter_broker_rejects(app)
         interval = app.conf.get("dlq_reap_interval")
         if interval:
             app.add_periodic_task(float(interval), app.signature(REAP_TASK), name=REAP_TASK)
@@ -474,6 +475,16 @@ def install(app) -> DeadLetterQueue:
     else:
         app.on_after_configure.connect(schedule, weak=False)
     return dlq
+
+
+def _dead_letter_broker_rejects(app) -> None:
+    """With kombu-pg as the broker, reject(requeue=False) moves the message into the DLQ
+    in one statement (the transport's ``dead_letter_rejected`` option)."""
+    url = app.conf.broker_url or ""
+    if url.split("://", 1)[0] in ("postgresql", "postgres"):
+        options = dict(app.conf.broker_transport_options or {})
+        options.setdefault("dead_letter_rejected", True)
+        app.conf.broker_transport_options = options
 
 
 __all__ = ["DeadLetterQueue", "NonRetryable", "REAP_TASK", "install"]

@@ -72,6 +72,9 @@ class Options:
     #: Celery ETA/countdown messages stay invisible in the database until due, instead
     #: of waiting in a worker's memory (and prefetch window).
     native_delayed_delivery: bool = False
+    #: reject(requeue=False) moves the message into the dead-letter table (celery_dlq)
+    #: instead of deleting it.  celery_dlq.install() turns this on for kombu-pg brokers.
+    dead_letter_rejected: bool = False
     #: Seconds a producer waits before sending another NOTIFY for the same queue.
     notify_debounce: float = 0.02
     #: Extra libpq connection parameters (e.g. ``sslrootcert``, ``keepalives_idle``),
@@ -111,7 +114,7 @@ class Options:
         md = self.max_deliveries
         if md is not None and (not _is_int(md) or md < 1):
             raise ConfigurationError(f"option 'max_deliveries' must be an integer >= 1 or None, got {md!r}")
-        for name in ("auto_migrate", "native_delayed_delivery"):
+        for name in ("auto_migrate", "native_delayed_delivery", "dead_letter_rejected"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigurationError(f"option {name!r} must be True or False")
         if not isinstance(self.connect_kwargs, Mapping):

@@ -80,10 +80,13 @@ class QoS(virtual.QoS):
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         could_claim = self.claim_limit()
+        transport = self.channel.connection
         if requeue:
             self.channel.store.requeue([delivery_tag])
+        elif transport.options.dead_letter_rejected:
+            self.channel.store.dead_letter(delivery_tag, "rejected by consumer")
         else:
-            self.channel.connection.buffer_ack(delivery_tag)
+            transport.buffer_ack(delivery_tag)
             logger.info("kombu-pg: message %s rejected without requeue and deleted", delivery_tag)
         super().ack(delivery_tag)
         if not could_claim and self.claim_limit():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -283,3 +284,17 @@ def test_a_bare_host_name_with_virtual_host_as_database(pg_url, schema):
 def test_invalid_option_values_are_refused(bad):
     with pytest.raises(ConfigurationError):
         Connection("postgresql://postgres@127.0.0.1:1/x", transport_options=bad).connect()
+
+
+def test_reject_dead_letters_when_enabled(pg_url, schema, pg_conn):
+    options = {"schema": schema, "dead_letter_rejected": True}
+    with Connection(pg_url, transport_options=options) as c:
+        simple = c.SimpleQueue("dl")
+        simple.put({"x": 1}, headers={"id": "task-1", "task": "proj.t"})
+        simple.get(timeout=5).reject(requeue=False)
+        simple.close()
+    [(task_id, reason, message)] = pg_conn.execute(sql.SQL(
+        "SELECT task_id, reason, message FROM {}.dlq").format(sql.Identifier(schema))).fetchall()
+    assert (task_id, reason) == ("task-1", "rejected")
+    assert json.loads(message)["headers"] == {"id": "task-1", "task": "proj.t"}  # kept whole
+    assert table_count(pg_conn, schema, "messages") == 0

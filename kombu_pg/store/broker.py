@@ -63,6 +63,7 @@ class BrokerStore:
         self.channel = f"{schema}:queues"
         self._namespace = schema
         self._serial_namespace = f"{schema}:serial"
+        self._dlq: Queries | None = None
 
     # -- helpers ---------------------------------------------------------------
 
@@ -275,6 +276,14 @@ class BrokerStore:
         if not tokens:
             return []
         return [r[0] for r in self._exec("requeue", {"tokens": tokens, "channel": self.channel})]
+
+    def dead_letter(self, token: str, detail: str | None = None) -> bool:
+        """Move one delivered message into the dead-letter table (celery_dlq's), whole, in
+        one statement; False when the token no longer matches (fenced)."""
+        if self._dlq is None:
+            self._dlq = Queries(self.schema, "dlq.sql")
+        existed, _ = self.conn.execute(self._dlq["reject_to_dlq"], {"token": token, "detail": detail}).fetchone()
+        return bool(existed)
 
     def quarantine(self, token: str, error: str) -> None:
         self._exec("quarantine", {"token": token, "error": error})

@@ -17,6 +17,7 @@ from typing import Any, Iterable, List, Mapping, Sequence
 import psycopg
 
 from kombu_pg.store import BrokerStore, Queries
+from kombu_pg.store.broker import JOB_KEY_HEADER
 
 logger = logging.getLogger(__name__)
 
@@ -322,8 +323,13 @@ class DLQStore:
                 target = row["queue"] or row["routing_key"]
                 if not target:
                     raise DLQError(f"DLQ entry {dlq_id} has no queue to requeue to")
-                broker.publish(target, payload, priority=row["priority"] or 0,
-                               serial_key=row["serial_key"])
+                job_key = _job_key(payload)
+                if job_key:  # a requeued dead letter keeps its job key (one waiting per key)
+                    broker.publish_job(target, payload, job_key, priority=row["priority"] or 0,
+                                       serial_key=row["serial_key"])
+                else:
+                    broker.publish(target, payload, priority=row["priority"] or 0,
+                                   serial_key=row["serial_key"])
                 queues = [target]
             self.mark_requeued(dlq_id, note)
         return RequeueResult(dlq_id, True, "requeued", queues)
@@ -345,3 +351,12 @@ def relink(message: str, dlq_id: int) -> str:
         headers = doc["headers"] = {}
     headers[DLQ_ID_HEADER] = dlq_id
     return json.dumps(doc)
+
+
+def _job_key(payload: str) -> str | None:
+    try:
+        headers = json.loads(payload).get("headers") or {}
+    except (ValueError, AttributeError):
+        return None
+    key = headers.get(JOB_KEY_HEADER)
+    return str(key) if key not in (None, "") else None

@@ -25,7 +25,8 @@ from celery import Celery
 from celery.canvas import Signature
 from celery.result import AsyncResult
 
-from .transport import JOB_KEY_HEADER, JOB_KEY_MODE_HEADER, Channel
+from .store.broker import JOB_KEY_HEADER, JOB_KEY_MODE_HEADER
+from .transport import Channel
 
 __all__ = ["JOB_KEY_HEADER", "JOB_KEY_MODE_HEADER", "JobResult", "Outcome", "enqueue"]
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from celery import Task
 from celery.signals import task_prerun
 
-from .transport import SERIAL_KEY_HEADER
+from .store.broker import SERIAL_KEY_HEADER
 
 logger = logging.getLogger(__name__)
 

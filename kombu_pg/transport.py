@@ -32,7 +32,7 @@ from kombu.utils.scheduling import FairCycle
 
 from .config import Options, build_conninfo, redact
 from .store import JOB_KEY_MODES, BrokerStore, Claimed, JobPublish, apply_migrations, check_version, connect
-from .store.broker import DUE_PREFIX
+from .store.broker import DUE_PREFIX, JOB_KEY_HEADER, JOB_KEY_MODE_HEADER, SERIAL_KEY_HEADER
 from .store.wakeups import Listener, NotifyDebouncer
 
 logger = logging.getLogger(__name__)
@@ -768,12 +768,6 @@ class Transport(virtual.Transport):
         self._fetch_pending()
 
 
-#: Message header naming the serial key: one message per key in flight, cluster-wide.
-SERIAL_KEY_HEADER = "serial_key"
-#: Message headers naming the job key (one waiting message per key) and what a second
-#: publish with the key does: replace (default), preserve_eta or keep.
-JOB_KEY_HEADER = "job_key"
-JOB_KEY_MODE_HEADER = "job_key_mode"
 
 
 @dataclass(frozen=True)

@@ -157,3 +157,18 @@ def test_priority_bands_and_redis_conversion():
     assert priorities.from_redis(0) == 9 and priorities.from_redis(9) == 0
     with pytest.raises(ValueError):
         priorities.from_redis(10)
+
+
+def test_a_requeued_dead_letter_keeps_its_job_key(store):
+    from celery_dlq.store import DLQStore
+
+    cid = store.register_consumer()
+    message = '{"headers": {"id": "t1", "task": "x", "job_key": "k"}, "properties": {}}'
+    store.publish_job("q", message, "k")
+    [held] = store.claim("q", 1, cid)
+    assert store.dead_letter(held.token)
+    dlq = DLQStore(store.conn, store.schema)
+    [entry] = store.conn.execute(sql.SQL("SELECT id FROM {}.dlq").format(sql.Identifier(store.schema))).fetchall()
+    assert dlq.requeue_to_broker(entry[0]).requeued
+    assert store.publish_job("q", payload("newer"), "k").outcome == "replaced"
+    assert len(waiting(store, "k")) == 1

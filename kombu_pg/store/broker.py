@@ -38,6 +38,13 @@ class JobPublish:
 
 JOB_KEY_MODES = ("replace", "preserve_eta", "keep")
 
+#: Message header naming the serial key: one message per key in flight, cluster-wide.
+SERIAL_KEY_HEADER = "serial_key"
+#: Message headers naming the job key (one waiting message per key) and what a second
+#: publish with the key does: one of JOB_KEY_MODES, "replace" by default.
+JOB_KEY_HEADER = "job_key"
+JOB_KEY_MODE_HEADER = "job_key_mode"
+
 
 @dataclass
 class RecoveryReport:

@@ -278,6 +278,7 @@ def test_options_are_accepted_or_refused_with_configuration_error(raw):
     assert options.recovery_interval > 0 and options.polling_interval > 0
 
 
+@pytest.mark.chaos  # pg_terminate_backend
 @pytest.mark.xfail(strict=True, reason="Kombu 5.7 copies a publish's retry_policy into "
                    "transport_options; 'on_revive' (a valid Connection.ensure argument) is not in "
                    "GENERIC_TRANSPORT_OPTIONS, so the reconnect fails with ConfigurationError")

@@ -469,3 +469,35 @@ def test_publish_retry_survives_a_reconnect_during_its_declare(kombu_conns, pg_c
     producer.publish("once", routing_key="retried", declare=[queue], retry=True,
                      retry_policy={"max_retries": 3, "interval_start": 0})
     assert [m["queue"] for m in messages(pg_conn, schema)] == ["retried"]
+
+
+# -- 6. graceful shutdown (the prefork pool and early acks; threads are in test_celery.py) ----
+
+
+def test_warm_shutdown_of_a_prefork_worker_hands_back_prefetched_messages_at_once(
+        client, env, log, pg_conn, schema, workers):
+    a = start(workers, env, "a", pool="prefork", concurrency=2)
+    client.send_task("chaos_app.block", ("running0",))
+    client.send_task("chaos_app.block_late", ("running1",))
+    wait_until(lambda: len(log.rows(phase="start")) == 2, what="both children busy")
+    for i in range(2):
+        client.send_task("chaos_app.record", (f"early{i}",))
+        client.send_task("chaos_app.record_late", (f"late{i}",))
+    wait_until(lambda: len([m for m in messages(pg_conn, schema) if m["lock_token"]]) == 5,
+               what="a to hold the late-ack running task and 4 prefetched messages")
+    a.proc.send_signal(signal.SIGTERM)
+    a.wait_for_line("worker: Warm shutdown")
+    log.open_gate("running0")
+    log.open_gate("running1")
+    assert a.proc.wait(30) == 0
+    # No other consumer exists, so no recovery pass ran: the worker handed them back itself.
+    rows = messages(pg_conn, schema)
+    assert len(rows) == 4 and all(r["lock_token"] is None and r["delivery_count"] == 1 for r in rows)
+    assert BrokerStore(pg_conn, schema).consumers() == []
+    assert sorted(log.args(phase="end")) == ["running0", "running1"]
+
+    start(workers, env, "b", concurrency=2)
+    wait_until(lambda: not messages(pg_conn, schema) and len(log.rows(phase="run")) == 4, what="b to run them")
+    runs = log.rows(phase="run")
+    assert sorted(r.arg for r in runs) == ["early0", "early1", "late0", "late1"]
+    assert all(r.hostname.startswith("b@") and r.redelivered for r in runs)

@@ -31,7 +31,7 @@ from celery import states
 from celery.backends.base import BaseBackend, _create_chord_error_with_cause, decompress_payload
 from celery.canvas import maybe_signature
 from celery.exceptions import ChordError, ImproperlyConfigured, TimeoutError
-from celery.result import GroupResult, allow_join_result, result_from_tuple
+from celery.result import GroupResult, ResultSet, allow_join_result, result_from_tuple
 from celery.utils.functional import _regen
 from kombu.serialization import loads
 from kombu.utils.compat import register_after_fork
@@ -145,6 +145,26 @@ def _to_bytes(payload: str | bytes | None) -> bytes | None:
 def _expiry(value: float | None) -> float | None:
     """Seconds to keep a row, or None for never (Celery: 0 or None)."""
     return float(value) if value else None
+
+
+def _ancestor_ids(result: Any, limit: int = 10_000) -> list[str]:
+    """Task ids of ``result``'s parents (chain predecessors), earliest first.
+
+    A group parent contributes its members.  Their failure means ``result`` will never
+    run, so a waiter also wakes on their NOTIFYs.
+    """
+    levels: list[list[str]] = []
+    node = getattr(result, "parent", None)
+    count = 0
+    while node is not None and count < limit:
+        if isinstance(node, ResultSet):
+            level = [bytes_to_str(r.id) for r in node.results if not isinstance(r, ResultSet)]
+        else:
+            level = [bytes_to_str(node.id)] if getattr(node, "id", None) else []
+        levels.append(level)
+        count += len(level)
+        node = getattr(node, "parent", None)
+    return [tid for level in reversed(levels) for tid in level]
 
 
 def _after_fork(backend: "PostgresBackend") -> None:
@@ -485,12 +505,19 @@ class PostgresBackend(BaseBackend):
 
     def get_many(self, task_ids, timeout=None, interval=0.5, no_ack=True,
                  on_message=None, on_interval=None, max_iterations=None,
-                 READY_STATES=states.READY_STATES):
+                 READY_STATES=states.READY_STATES, _parents=(), _wake=()):
         """Yield ``(task_id, meta)`` for each id as it becomes ready.
 
         One query per pass for all ids still pending; between passes the thread sleeps
         on LISTEN until a NOTIFY names one of them (``interval`` is not used: waking is
-        pushed; ``polling_interval`` bounds the wait as a safety net).
+        pushed; ``polling_interval`` bounds the wait as a safety net).  ``on_interval``
+        runs after every wake-up, before the re-read, so (as with Celery's own drainer)
+        a parent's error takes precedence over the error it caused.
+
+        ``_parents``: ancestor task ids (earliest first) of the awaited results.  Their
+        NOTIFYs wake the waiter too, and once one of them has failed, the ids still
+        pending are yielded with that failure: they will never run.  ``_wake``: more
+        ids whose NOTIFYs wake the waiter (for ``on_interval`` to look at).
         """
         ids = {bytes_to_str(t) for t in task_ids}
         cache = self._cache
@@ -504,11 +531,22 @@ class PostgresBackend(BaseBackend):
         deadline = None if timeout is None else time.monotonic() + timeout
         local = self._thread_state()
         local.waiters = getattr(local, "waiters", 0) + 1
+        parents = [bytes_to_str(p) for p in _parents]
+        wake = set(parents) | {bytes_to_str(t) for t in _wake}
         iterations = failures = 0
         first = True
         listening = False
         try:
             while True:
+                if not first and on_interval:
+                    on_interval()
+                if parents and not first:
+                    failed = self._failed_parent(parents)
+                    if failed is not None:
+                        for task_id in list(ids):
+                            ids.discard(task_id)
+                            yield task_id, dict(failed, task_id=task_id)
+                        return
                 try:
                     ready = self._fetch_ready(ids, READY_STATES)
                     failures = 0
@@ -536,8 +574,6 @@ class PostgresBackend(BaseBackend):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"Operation timed out ({timeout})")
-                if on_interval:
-                    on_interval()
                 if not listening:
                     # LISTEN first, then read again: a result stored in between is
                     # either seen by that read or announced to this session.
@@ -549,19 +585,61 @@ class PostgresBackend(BaseBackend):
                 wait = self.options.polling_interval
                 if remaining is not None:
                     wait = min(wait, remaining)
-                listening = self._listen_and_wait(ids, wait)
+                listening = self._listen_and_wait(ids | wake, wait)
         finally:
             local.waiters -= 1
             if not local.waiters:  # the outermost wait of this thread ends
                 self._stop_listening()
 
-    def wait_for(self, task_id, timeout=None, interval=0.5, no_ack=True, on_interval=None):
+    def _failed_parent(self, parents: list[str]) -> dict[str, Any] | None:
+        """The meta of the earliest failed ancestor, if any (one query)."""
+        failed = self._fetch_ready(parents, states.PROPAGATE_STATES)
+        for task_id in parents:
+            if task_id in failed:
+                return failed[task_id]
+        return None
+
+    def wait_for(self, task_id, timeout=None, interval=0.5, no_ack=True, on_interval=None,
+                 _wake=()):
         """Wait for one task's ready state, woken by NOTIFY (see :meth:`get_many`)."""
         self._ensure_not_eager()
         for _, meta in self.get_many({task_id}, timeout=timeout, interval=interval,
-                                     no_ack=no_ack, on_interval=on_interval):
+                                     no_ack=no_ack, on_interval=on_interval, _wake=_wake):
             return meta
         raise TimeoutError("The operation timed out.")  # pragma: no cover
+
+    def wait_for_pending(self, result, timeout=None, interval=0.5, no_ack=True,
+                         on_message=None, on_interval=None, callback=None, propagate=True):
+        """``AsyncResult.get()``: like Celery's, but the NOTIFY of a failed parent wakes
+        the waiter too, so its error is raised at once (through ``on_interval``)."""
+        self._ensure_not_eager()
+        if on_message is not None:
+            raise ImproperlyConfigured("Backend does not support on_message callback")
+        meta = self.wait_for(result.id, timeout=timeout, interval=interval, on_interval=on_interval,
+                             no_ack=no_ack, _wake=_ancestor_ids(result) if propagate else ())
+        if meta:
+            result._maybe_set_cache(meta)
+            return result.maybe_throw(propagate=propagate, callback=callback)
+
+    def iter_native(self, result, timeout=None, interval=0.5, no_ack=True,
+                    on_message=None, on_interval=None):
+        """``GroupResult.get()`` (native join).  When the group follows a task that
+        failed (``a | fail | group(...)``), its members will never run: they are
+        reported with the parent's failure instead of waiting for the timeout."""
+        self._ensure_not_eager()
+        results = result.results
+        if not results:
+            return
+        task_ids = set()
+        for member in results:
+            if isinstance(member, ResultSet):
+                yield member.id, member.results
+            else:
+                task_ids.add(member.id)
+        yield from self.get_many(
+            task_ids, timeout=timeout, interval=interval, no_ack=no_ack,
+            on_message=on_message, on_interval=on_interval, _parents=_ancestor_ids(result),
+        )
 
     # -- chords ------------------------------------------------------------------------------------
 

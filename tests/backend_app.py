@@ -54,8 +54,8 @@ def double(x):
 
 
 @app.task
-def fail(message):
-    raise TaskFailed(message)
+def fail(*args):
+    raise TaskFailed(*args)
 
 
 @app.task

@@ -49,7 +49,9 @@ def worker(pg_url, canvas_schema):
 def client(pg_url, canvas_schema, worker):
     app = Celery("client", broker=pg_url, backend=pg_url, set_as_current=False)
     app.conf.broker_transport_options = {"schema": canvas_schema}
-    app.conf.result_backend_transport_options = {"schema": canvas_schema}
+    # A safety re-read only once a minute, more than TIMEOUT: every get() below must be
+    # woken by a NOTIFY to pass.
+    app.conf.result_backend_transport_options = {"schema": canvas_schema, "polling_interval": 60}
     app.conf.result_extended = True
     yield app
     if isinstance(app._backend, PostgresBackend):
@@ -220,3 +222,23 @@ def test_prefork_pool(pg_url, schema):
         if isinstance(app._backend, PostgresBackend):
             app._backend.close()
         app.close()
+
+
+def test_group_after_a_failed_task_reports_that_failure(client):
+    # The group never runs; its get() raises the parent's error instead of timing out.
+    res = (s(client, "add", 1, 1) | s(client, "fail", "before the group", immutable=True)
+           | group(s(client, "add", 1), s(client, "add", 2))).delay()
+    with pytest.raises(Exception) as info:
+        res.get(timeout=TIMEOUT)
+    assert type(info.value).__name__ == "TaskFailed"
+    assert res.get(timeout=TIMEOUT, propagate=False)[0].args == ("before the group",)
+
+
+def test_header_chain_error_takes_precedence_over_the_chord_error(client):
+    # As in Celery's own integration suite: the body's get() raises the header's error.
+    header = chain(s(client, "identity", 42, immutable=True), s(client, "fail"),
+                   s(client, "identity", 42, immutable=True))
+    res = chord((header,), s(client, "identity")).delay()
+    with pytest.raises(Exception) as info:
+        res.get(timeout=TIMEOUT)
+    assert type(info.value).__name__ == "TaskFailed"

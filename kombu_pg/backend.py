@@ -471,22 +471,22 @@ class PostgresBackend(BaseBackend):
             self._drop_listener()
             return False
 
-    def _listen_and_wait(self, ids: set[str], timeout: float) -> bool:
-        """Sleep until a NOTIFY names one of ``ids`` or ``timeout`` passes.
+    def _listen_and_wait(self, ids: set[str], timeout: float) -> set[str] | None:
+        """Sleep until a NOTIFY names one of ``ids`` or ``timeout`` passes; return the
+        ids heard (empty on timeout).
 
-        Returns False when the listening connection was lost: the caller must LISTEN
+        Returns None when the listening connection was lost: the caller must LISTEN
         again on a new one *before* reading again, or a result stored in between would
         only be seen at the next safety re-read.
         """
         try:
             listener = self._listener()
             listener.start()
-            listener.wait(ids, timeout)
-            return True
+            return listener.wait(ids, timeout)
         except _CONNECTION_ERRORS as exc:
             logger.warning("kombu-pg result backend: listening connection lost (%s); reconnecting", exc)
             self._drop_listener()
-            return False
+            return None
 
     def _stop_listening(self) -> None:
         listener = getattr(self._thread_state(), "listener", None)
@@ -536,19 +536,24 @@ class PostgresBackend(BaseBackend):
         iterations = failures = 0
         first = True
         listening = False
+        # The ids a NOTIFY named since the last read; None: read every pending id (first
+        # pass, safety re-read, new LISTEN).  Reading only what was announced keeps a
+        # large group's join linear instead of re-reading every member on every wake.
+        heard: set[str] | None = None
         try:
             while True:
                 if not first and on_interval:
                     on_interval()
-                if parents and not first:
+                if parents and not first and (heard is None or heard & wake):
                     failed = self._failed_parent(parents)
                     if failed is not None:
                         for task_id in list(ids):
                             ids.discard(task_id)
                             yield task_id, dict(failed, task_id=task_id)
                         return
+                to_read = ids if heard is None else ids & heard
                 try:
-                    ready = self._fetch_ready(ids, READY_STATES)
+                    ready = self._fetch_ready(to_read, READY_STATES) if to_read else {}
                     failures = 0
                 except _CONNECTION_ERRORS as exc:
                     # The store already reconnected once: this is a longer outage.  Fail
@@ -559,6 +564,7 @@ class PostgresBackend(BaseBackend):
                     logger.warning("kombu-pg result backend: cannot read results (%s); retrying", exc)
                     ready = {}
                     self._backoff(failures, deadline)
+                    heard = None
                 first = False
                 cache.update(ready)
                 for task_id, meta in ready.items():
@@ -581,11 +587,15 @@ class PostgresBackend(BaseBackend):
                     if not listening:
                         failures += 1
                         self._backoff(failures, deadline)
+                    heard = None
                     continue
                 wait = self.options.polling_interval
                 if remaining is not None:
                     wait = min(wait, remaining)
-                listening = self._listen_and_wait(ids | wake, wait)
+                got = self._listen_and_wait(ids | wake, wait)
+                listening = got is not None
+                # Nothing heard (safety interval) or connection lost: read everything.
+                heard = got or None
         finally:
             local.waiters -= 1
             if not local.waiters:  # the outermost wait of this thread ends

@@ -364,6 +364,35 @@ def test_group_get_is_a_native_join_in_order(app, make_app):
     assert handle.result() == [0, 10, 20, 30, 40]
 
 
+def test_group_join_reads_only_announced_members(make_app, pg_conn, schema):
+    """A wake-up re-reads the ids its NOTIFYs named, not every pending member, so a
+    large join stays linear."""
+    app = make_app(options={"polling_interval": 60})
+    writer = make_app()
+    ids = [uuid() for _ in range(30)]
+    group = GroupResult(uuid(), [app.AsyncResult(i) for i in ids], app=app)
+    backend = app.backend  # this thread's instance: the join runs here
+    read_sizes: list[int] = []
+    real_fetch = backend._fetch_ready
+
+    def counting_fetch(task_ids, ready_states):
+        read_sizes.append(len(task_ids))
+        return real_fetch(task_ids, ready_states)
+
+    backend._fetch_ready = counting_fetch
+
+    def write():
+        wait_until(lambda: listening_sessions(pg_conn, schema), what="the join to LISTEN")
+        for n, tid in enumerate(ids):
+            writer.backend.store_result(tid, n, states.SUCCESS)
+
+    handle = in_thread(write)
+    assert group.get(timeout=20) == list(range(30))
+    handle.result()
+    # Two full reads (before and after LISTEN), then only what was announced.
+    assert sum(read_sizes) <= 2 * 30 + 30, read_sizes
+
+
 def listening_sessions_for(app):
     with psycopg.connect(app.backend.conninfo, autocommit=True) as conn:
         return listening_sessions(conn, app.backend.schema)

@@ -7,6 +7,7 @@ turning them into Python values is the Celery adapter's job (``kombu_pg.backend`
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -286,18 +287,25 @@ class ResultListener:
 
     def wait(self, wanted: Iterable[str] | None, timeout: float) -> set[str]:
         """Block up to ``timeout`` seconds for a notification about one of ``wanted``
-        (any id when None); return the wanted ids heard (empty on timeout)."""
+        (any id when None); return every wanted id heard (empty on timeout).
+
+        Whole packets are consumed (``stop_after``), so no notification that arrived with
+        the first one is dropped; those already delivered are collected too.
+        """
         wanted = None if wanted is None else set(wanted)
         heard: set[str] = set()
-        for n in self.conn.notifies(timeout=max(0.0, timeout)):
-            if n.channel != self.channel:
-                continue
-            if wanted is None or n.payload in wanted:
-                heard.add(n.payload)
-                break
-        # Collect anything else already delivered without blocking.
-        if heard:
-            for n in self.conn.notifies(timeout=0):
+
+        def take(notifications) -> None:
+            for n in notifications:
                 if n.channel == self.channel and (wanted is None or n.payload in wanted):
                     heard.add(n.payload)
+
+        deadline = time.monotonic() + max(0.0, timeout)
+        while not heard:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            take(self.conn.notifies(timeout=remaining, stop_after=1))
+        if heard:
+            take(self.conn.notifies(timeout=0))
         return heard

@@ -16,7 +16,6 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from queue import Empty

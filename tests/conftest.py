@@ -15,7 +15,7 @@ from psycopg import sql
 
 import kombu_pg  # noqa: F401  (registers the postgresql:// scheme)
 from kombu_pg.embedded import database_url
-from kombu_pg.store import apply_migrations
+from kombu_pg.store import BrokerStore, apply_migrations, connect
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +45,15 @@ def schema(pg_url):
     yield name
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def store(pg_url, schema):
+    """The broker store on a migrated fresh schema (no Kombu involved)."""
+    conn = connect(pg_url)
+    apply_migrations(conn, schema)
+    yield BrokerStore(conn, schema)
+    conn.close()
 
 
 @pytest.fixture

@@ -9,17 +9,8 @@ import pytest
 from celery import Celery
 from psycopg import sql
 
-from kombu_pg.store import BrokerStore, apply_migrations, connect
 
 from .worker import CeleryWorker, wait_until
-
-
-@pytest.fixture
-def store(pg_url, schema):
-    conn = connect(pg_url)
-    apply_migrations(conn, schema)
-    yield BrokerStore(conn, schema)
-    conn.close()
 
 
 def test_delayed_message_is_invisible_until_promoted(store):

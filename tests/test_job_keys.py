@@ -12,15 +12,7 @@ from celery import Celery
 from psycopg import sql
 
 from kombu_pg.jobs import Outcome, enqueue
-from kombu_pg.store import BrokerStore, apply_migrations, connect
-
-
-@pytest.fixture
-def store(pg_url, schema):
-    conn = connect(pg_url)
-    apply_migrations(conn, schema)
-    yield BrokerStore(conn, schema)
-    conn.close()
+from kombu_pg.store import BrokerStore, connect
 
 
 def payload(task_id: str) -> str:

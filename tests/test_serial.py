@@ -20,14 +20,6 @@ from kombu_pg.store import BrokerStore, apply_migrations, connect
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture
-def store(pg_url, schema):
-    conn = connect(pg_url)
-    apply_migrations(conn, schema)
-    yield BrokerStore(conn, schema)
-    conn.close()
-
-
 def test_one_message_per_key_in_flight(store):
     cid = store.register_consumer()
     for i in range(3):

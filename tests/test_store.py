@@ -13,14 +13,6 @@ from kombu_pg.store import BrokerStore, apply_migrations, connect, current_versi
 from kombu_pg.store.migrations import all_migrations
 
 
-@pytest.fixture
-def store(pg_url, schema):
-    conn = connect(pg_url)
-    apply_migrations(conn, schema)
-    yield BrokerStore(conn, schema)
-    conn.close()
-
-
 def test_migrations_are_idempotent(pg_conn, schema):
     latest = all_migrations()[-1].version
     assert apply_migrations(pg_conn, schema) == list(range(1, latest + 1))

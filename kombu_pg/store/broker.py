@@ -151,6 +151,12 @@ class BrokerStore:
 
     # -- messages ----------------------------------------------------------------
 
+    def _message_params(self, payload: str, priority: int, ttl: float | None, serial_key: str | None,
+                        visible_at: datetime | None, **extra) -> dict:
+        return dict(payload=payload, priority=priority, ttl=ttl, serial_key=serial_key,
+                    visible_at=visible_at, notify_payload=due_payload(visible_at), channel=self.channel,
+                    **extra)
+
     def publish(
         self,
         queue: str,
@@ -167,20 +173,8 @@ class BrokerStore:
         A ``visible_at`` in the future delays delivery until then (see :meth:`promote_due`);
         the NOTIFY then says when (:func:`due_payload`) instead of naming the queue.
         """
-        self._exec(
-            "publish",
-            dict(
-                queue=queue,
-                payload=payload,
-                priority=priority,
-                ttl=ttl,
-                serial_key=serial_key,
-                visible_at=visible_at,
-                notify=notify,
-                notify_payload=due_payload(visible_at),
-                channel=self.channel,
-            ),
-        )
+        self._exec("publish", self._message_params(payload, priority, ttl, serial_key, visible_at,
+                                                   queue=queue, notify=notify))
 
     def publish_routed(
         self,
@@ -195,22 +189,9 @@ class BrokerStore:
         notify: bool = True,
     ) -> list[str]:
         """Insert a copy for every queue whose binding matches; return those queues."""
-        rows = self._exec(
-            "publish_routed",
-            dict(
-                exchange=exchange,
-                routing_key=routing_key or "",
-                payload=payload,
-                priority=priority,
-                ttl=ttl,
-                serial_key=serial_key,
-                visible_at=visible_at,
-                notify=notify,
-                notify_payload=due_payload(visible_at),
-                channel=self.channel,
-            ),
-        ).fetchall()
-        return [r[0] for r in rows]
+        params = self._message_params(payload, priority, ttl, serial_key, visible_at, exchange=exchange,
+                                      routing_key=routing_key or "", notify=notify)
+        return [r[0] for r in self._exec("publish_routed", params).fetchall()]
 
     def publish_job(
         self,
@@ -232,12 +213,9 @@ class BrokerStore:
         """
         if mode not in JOB_KEY_MODES:
             raise ValueError(f"job key mode must be one of {', '.join(JOB_KEY_MODES)}, not {mode!r}")
-        row = self._exec(
-            "publish_job",
-            dict(queue=queue, payload=payload, job_key=job_key, mode=mode, priority=priority, ttl=ttl,
-                 serial_key=serial_key, visible_at=visible_at, channel=self.channel,
-                 notify_payload=due_payload(visible_at)),
-        ).fetchone()
+        params = self._message_params(payload, priority, ttl, serial_key, visible_at, queue=queue,
+                                      job_key=job_key, mode=mode)
+        row = self._exec("publish_job", params).fetchone()
         if row is None:
             return JobPublish("dropped")
         inserted, replaced_task_id, behind_in_flight, _ = row

@@ -12,7 +12,6 @@ import threading
 import time
 from typing import Callable, Iterable
 
-import psycopg
 from psycopg import sql
 
 from .connect import connect

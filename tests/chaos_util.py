@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from kombu_pg.store import BrokerStore, apply_migrations, connect
+from kombu_pg.store import BrokerStore, apply_migrations
 
 
 def wait_until(predicate, timeout: float = 30.0, what: str = "condition", step: float = 0.05):

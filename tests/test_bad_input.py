@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import socket
 import time
 import uuid
 
@@ -21,7 +20,7 @@ from kombu import Connection, Exchange, Producer, Queue
 from psycopg import sql
 
 from kombu_pg.config import ConfigurationError, Options, build_conninfo, validate_schema
-from kombu_pg.store import BrokerStore, migration_sql
+from kombu_pg.store import migration_sql
 
 from .chaos_util import TaskLog, create_log_tables, messages, wait_until
 from .worker import CeleryWorker

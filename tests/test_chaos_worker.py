@@ -14,11 +14,9 @@ import socket
 import time
 import uuid
 
-import psycopg
 import pytest
 from celery import Celery
 from kombu import Connection, Consumer, Producer, Queue
-from psycopg import sql
 
 from kombu_pg.store import BrokerStore
 

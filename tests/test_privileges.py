@@ -119,7 +119,7 @@ def test_a_least_privilege_role_publishes_consumes_and_recovers(app_role, pg_con
 
 
 def test_the_least_privilege_role_cannot_change_the_schema(app_role, schema, pg_conn):
-    role, url = app_role
+    _, url = app_role
     # What a later migration (run by the owner) creates is usable through the default privileges.
     pg_conn.execute(sql.SQL("CREATE TABLE {}.later (id bigserial, x int)").format(sql.Identifier(schema)))
     with psycopg.connect(url, autocommit=True) as conn:

@@ -307,3 +307,27 @@ RETURNING xmax = 0 AS inserted,
           EXISTS (SELECT 1 FROM {schema}.messages f
                   WHERE f.job_key = %(job_key)s AND f.lock_token IS NOT NULL) AS behind_in_flight,
           pg_notify(%(channel)s, coalesce(%(notify_payload)s, queue)) AS notified
+
+-- name: publish_many
+-- Many messages in one statement (bulk publish): parallel arrays, one element per message.
+WITH rows AS (
+    -- Binary parameters: text-format arrays would escape every quote of every payload.
+    SELECT * FROM unnest(%(queues)b::text[], %(priorities)b::smallint[], %(payloads)b::text[],
+                         %(serial_keys)b::text[], %(visible_ats)b::timestamptz[], %(ttls)b::float8[])
+                  WITH ORDINALITY AS r (queue, priority, payload, serial_key, visible_at, ttl, n)
+), inserted AS (
+    INSERT INTO {schema}.messages (queue, priority, payload, serial_key, visible_at, expires_at)
+    SELECT r.queue, r.priority, r.payload, r.serial_key,
+           CASE WHEN r.visible_at > now() THEN r.visible_at END,
+           LEAST(now() + make_interval(secs => r.ttl),
+                 now() + make_interval(secs => q.message_ttl_ms / 1000.0))
+    FROM rows r LEFT JOIN {schema}.queues q ON q.name = r.queue
+    ORDER BY r.n  -- ids (FIFO order) follow publish order
+    RETURNING queue, visible_at
+)
+SELECT pg_notify(%(channel)s, queue)
+FROM (SELECT DISTINCT queue FROM inserted WHERE visible_at IS NULL) q
+UNION ALL
+-- Delayed ones: announce the earliest due time once (see due_payload).
+SELECT pg_notify(%(channel)s, '@' || extract(epoch FROM min(visible_at))::text)
+FROM inserted WHERE visible_at IS NOT NULL HAVING count(*) > 0

@@ -28,6 +28,18 @@ class Claimed:
 
 
 @dataclass(frozen=True)
+class OutgoingMessage:
+    """One message for :meth:`BrokerStore.publish_many`."""
+
+    queue: str
+    payload: str
+    priority: int = 0
+    ttl: float | None = None
+    serial_key: str | None = None
+    visible_at: datetime | None = None
+
+
+@dataclass(frozen=True)
 class JobPublish:
     """What a publish with a job key did: ``enqueued``, ``replaced``, ``dropped`` or
     ``queued_behind_in_flight`` (inserted while a message with the key is being processed)."""
@@ -192,6 +204,22 @@ class BrokerStore:
         params = self._message_params(payload, priority, ttl, serial_key, visible_at, exchange=exchange,
                                       routing_key=routing_key or "", notify=notify)
         return [r[0] for r in self._exec("publish_routed", params).fetchall()]
+
+    def publish_many(self, messages: Sequence[OutgoingMessage]) -> int:
+        """Insert many messages in one statement (one commit); wake each queue once.
+
+        Delayed messages (``visible_at`` in the future) are announced by the promotion
+        pass, not by this statement.
+        """
+        if not messages:
+            return 0
+        columns = list(zip(*((m.queue, m.priority, m.payload, m.serial_key, m.visible_at, m.ttl)
+                             for m in messages)))
+        self._exec("publish_many", dict(
+            queues=list(columns[0]), priorities=list(columns[1]), payloads=list(columns[2]),
+            serial_keys=list(columns[3]), visible_ats=list(columns[4]), ttls=list(columns[5]),
+            channel=self.channel))
+        return len(messages)
 
     def publish_job(
         self,

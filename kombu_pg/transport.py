@@ -32,6 +32,7 @@ from kombu.utils.scheduling import FairCycle
 from .config import Options, build_conninfo, redact
 from .store import JOB_KEY_MODES, BrokerStore, Claimed, JobPublish, apply_migrations, check_version, connect
 from .store.broker import DUE_PREFIX, JOB_KEY_HEADER, JOB_KEY_MODE_HEADER, SERIAL_KEY_HEADER
+from .store.routing import check_queue_name, topic_pattern
 from .store.wakeups import Listener, NotifyDebouncer
 
 logger = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ class Channel(virtual.Channel):
 
     def _new_queue(self, queue, durable=True, exclusive=False, auto_delete=False,
                    arguments=None, **kwargs):
+        check_queue_name(queue)
         arguments = arguments or {}
         self.store.declare_queue(
             queue,
@@ -174,10 +176,10 @@ class Channel(virtual.Channel):
 
     def queue_bind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs):
         exchange = exchange or "amq.direct"
+        check_queue_name(queue)
         type_name = self._exchange_type_name(exchange)
-        rkey, pattern, _ = self.exchange_types[type_name].prepare_bind(
-            queue, exchange, routing_key, arguments)
-        self.store.bind(exchange, queue, rkey or "", pattern, exchange_type=type_name)
+        pattern = topic_pattern(routing_key or "") if type_name == "topic" else None
+        self.store.bind(exchange, queue, routing_key or "", pattern, exchange_type=type_name)
 
     def queue_unbind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs):
         self.store.unbind(exchange or "amq.direct", queue, routing_key or "")
@@ -238,6 +240,7 @@ class Channel(virtual.Channel):
                                  native_delay=self.connection.options.native_delayed_delivery)
 
     def _insert(self, queue: str, row: "_Row") -> None:
+        check_queue_name(queue)
         if row.job_key is not None:
             self._insert_job(queue, row)
             return

@@ -242,3 +242,16 @@ def test_header_chain_error_takes_precedence_over_the_chord_error(client):
     with pytest.raises(Exception) as info:
         res.get(timeout=TIMEOUT)
     assert type(info.value).__name__ == "TaskFailed"
+
+
+def test_revoked_task_is_stored_as_revoked(client):
+    from celery.exceptions import TaskRevokedError
+
+    task_id = str(uuid.uuid4())
+    # reply=True: the worker has recorded the revocation before the task is sent.
+    replies = client.control.revoke(task_id, reply=True, timeout=10, limit=1)
+    assert replies, "the worker did not answer the revoke broadcast"
+    res = s(client, "add", 1, 1).apply_async(task_id=task_id)
+    with pytest.raises(TaskRevokedError):
+        res.get(timeout=TIMEOUT)
+    assert res.state == states.REVOKED

@@ -5,6 +5,7 @@ Nothing here talks to the database: bad input is refused before any SQL runs.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
@@ -27,6 +28,7 @@ GENERIC_TRANSPORT_OPTIONS = frozenset(
         "interval_max",
         "callback",
         "errback",
+        "on_revive",
         "retry_errors",
         "confirm_publish",
         "body_encoding",
@@ -171,6 +173,8 @@ def build_conninfo(
         merged["password"] = password() if callable(password) else password
     if port and "port" not in parsed:
         merged["port"] = int(port)
+    if isinstance(connect_timeout, float) and not math.isfinite(connect_timeout):
+        raise ConfigurationError(f"connect_timeout must be a finite number, got {connect_timeout!r}")
     if connect_timeout and "connect_timeout" not in parsed:
         # libpq takes whole seconds and treats values below 2 as 2.
         merged["connect_timeout"] = max(2, int(round(float(connect_timeout))))
@@ -181,9 +185,12 @@ def build_conninfo(
     parsed.setdefault("application_name", "kombu_pg")
     merged.update(extra or {})
     try:
-        return make_conninfo(make_conninfo(**parsed), **merged)
+        conninfo = make_conninfo(make_conninfo(**parsed), **merged)
     except Exception as exc:
         raise ConfigurationError(f"invalid connection parameters: {exc}") from None
+    if "\x00" in conninfo:
+        raise ConfigurationError("connection parameters cannot contain NUL characters")
+    return conninfo
 
 
 def redact(conninfo_or_url: str) -> str:

@@ -72,6 +72,10 @@ class QoS(virtual.QoS):
         return max(min(headroom, cap), 0)
 
     def ack(self, delivery_tag: str) -> None:
+        if self.channel.connection is None:
+            # The channel closed (connection lost): its deliveries were handed back, or
+            # recovery frees them once their session is gone.  Nothing is left to ack.
+            return
         could_claim = self.claim_limit()
         self.channel.connection.buffer_ack(delivery_tag)
         super().ack(delivery_tag)
@@ -79,6 +83,8 @@ class QoS(virtual.QoS):
             self.channel.connection.wake()
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if self.channel.connection is None:
+            return  # as in ack: the channel is closed, recovery unlocks the message
         could_claim = self.claim_limit()
         transport = self.channel.connection
         if requeue:
@@ -215,6 +221,10 @@ class Channel(virtual.Channel):
         NOTIFYs for the default exchange (Celery's task path) are debounced per queue;
         routed publishes (events, pidbox, broadcasts) always notify.
         """
+        if self.connection is None:
+            # Closed under us (a reconnect inside a retried declare): a connection error
+            # makes Kombu's publish retry publish again on the new channel.
+            raise psycopg.InterfaceError("kombu-pg channel is closed (its connection was lost)")
         self._inplace_augment_message(message, exchange, routing_key)
         row = self._row(message)
         if not exchange:
@@ -274,6 +284,8 @@ class Channel(virtual.Channel):
         return result
 
     def basic_cancel(self, consumer_tag):
+        if self.connection is None:
+            return None  # closed: close() already cancelled every consumer
         queue = self._tag_to_queue.get(consumer_tag)
         self.connection.flush_acks()
         result = super().basic_cancel(consumer_tag)
@@ -455,6 +467,10 @@ class Transport(virtual.Transport):
     def work_store(self) -> BrokerStore:
         """The connection channels share for publish, claim and ack (connects lazily)."""
         with self._lock:
+            if self._work is not None and (self._work.conn.closed or self._work.conn.broken):
+                # The session is gone, and with it this consumer's registration and locks
+                # (recovery frees those): start again with new sessions.
+                self._drop_sessions()
             if self._work is None:
                 conn = self._connect()
                 self._migrate(conn)
@@ -491,6 +507,15 @@ class Transport(virtual.Transport):
             if self._listener is None:
                 self._listener = Listener(self.conninfo, self.work_store().channel)
             return self._listener
+
+    def _drop_sessions(self) -> None:
+        for store in (self._work, self._listener):
+            if store is not None:
+                try:
+                    store.conn.close()
+                except psycopg.Error:
+                    pass
+        self._work = self._listener = self._maintenance = self._consumer_id = None
 
     def _maintenance_store(self) -> BrokerStore:
         # Recovery runs in a transaction; the work connection is shared with acking

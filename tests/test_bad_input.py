@@ -262,16 +262,12 @@ def test_build_conninfo_returns_a_conninfo_or_raises_configuration_error(
     assert parsed.get("application_name")
 
 
-@pytest.mark.xfail(strict=True, reason="build_conninfo rounds connect_timeout outside its try block: "
-                   "NaN raises ValueError and infinity OverflowError instead of ConfigurationError")
 @pytest.mark.parametrize("timeout", [math.nan, math.inf])
 def test_build_conninfo_refuses_a_non_finite_connect_timeout(timeout):
     with pytest.raises(ConfigurationError):
         build_conninfo("postgresql://u@h/db", connect_timeout=timeout)
 
 
-@pytest.mark.xfail(strict=True, reason="a NUL character passes through build_conninfo, and libpq then "
-                   "reads the conninfo only up to it (application_name and later keys silently vanish)")
 @pytest.mark.parametrize("url,kwargs", [("\x00", {}), ("postgresql://u@h/db", {"password": "p\x00w"}),
                                         ("postgresql://u@h/db", {"extra": {"sslmode": "require\x00"}})])
 def test_a_nul_character_in_connection_parameters_is_refused(url, kwargs):
@@ -299,9 +295,6 @@ def test_options_are_accepted_or_refused_with_configuration_error(raw):
 
 
 @pytest.mark.chaos  # pg_terminate_backend
-@pytest.mark.xfail(strict=True, reason="Kombu 5.7 copies a publish's retry_policy into "
-                   "transport_options; 'on_revive' (a valid Connection.ensure argument) is not in "
-                   "GENERIC_TRANSPORT_OPTIONS, so the reconnect fails with ConfigurationError")
 def test_a_retry_policy_with_on_revive_does_not_break_the_reconnect(pg_url, schema, pg_conn):
     revived = []
     with Connection(pg_url, transport_options={"schema": schema}) as c:

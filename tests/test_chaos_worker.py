@@ -179,9 +179,6 @@ def test_worker_reconnects_after_its_sessions_are_terminated(client, env, log, p
                what="the old registration to be reaped")
 
 
-@pytest.mark.xfail(strict=True, reason="Channel.basic_cancel calls self.connection.flush_acks() on a "
-                   "channel that close() already detached (connection None): AttributeError while "
-                   "Celery restarts its consumer after a connection loss")
 def test_worker_restarts_its_consumer_without_errors_after_session_loss(
         client, env, log, pg_conn, schema, workers, pg_url):
     w, app_name = start_named(workers, env, pg_url, "w")
@@ -193,9 +190,6 @@ def test_worker_restarts_its_consumer_without_errors_after_session_loss(
     assert not [line for line in w.lines if "Error on restarting" in line or "Traceback" in line]
 
 
-@pytest.mark.xfail(strict=True, reason="QoS.ack on a channel closed by a connection loss raises "
-                   "AttributeError (self.channel.connection is None in claim_limit), which Celery "
-                   "treats as unrecoverable: the worker exits when a task that ran across the loss acks")
 def test_late_ack_of_a_task_that_ran_across_a_connection_loss_is_fenced(
         client, env, log, pg_conn, schema, workers, pg_url):
     w, app_name = start_named(workers, env, pg_url, "w", concurrency=2)
@@ -299,8 +293,6 @@ def test_kombu_late_ack_from_a_terminated_consumer_does_not_delete_the_redeliver
     assert messages(pg_conn, schema) == []
 
 
-@pytest.mark.xfail(strict=True, reason="Transport.work_store() hands out the broken session after a "
-                   "connection loss, so Connection.ensure_connection() never reconnects")
 def test_kombu_connection_recovers_with_ensure_connection_after_its_sessions_end(kombu_conns, pg_conn, schema):
     queue = Queue("again")
     c = kombu_conns("chaos_c", recovery_interval=0.2)
@@ -440,9 +432,6 @@ def test_a_message_that_kills_its_worker_stops_after_max_deliveries_and_is_kept(
     assert (stats["celery"]["poison"], stats["celery"]["ready"]) == (1, 0)
 
 
-@pytest.mark.xfail(strict=True, reason="Channel.basic_publish on a channel closed by a reconnect raises "
-                   "AttributeError (self.connection is None) instead of a connection error, so Kombu's "
-                   "publish retry gives up when the reconnect happens inside the retried declare")
 def test_publish_retry_survives_a_reconnect_during_its_declare(kombu_conns, pg_conn, schema):
     """What a server restart does to a retried Celery publish, made deterministic.
 

@@ -36,6 +36,7 @@ from celery.utils.functional import _regen
 from kombu.serialization import loads
 from kombu.utils.compat import register_after_fork
 from kombu.utils.encoding import bytes_to_str
+from psycopg.conninfo import conninfo_to_dict
 
 from .config import (
     DEFAULT_SCHEMA,
@@ -189,6 +190,10 @@ class PostgresBackend(BaseBackend):
             )
         self.options = BackendOptions.from_mapping(conf.get("result_backend_transport_options"))
         self.conninfo = build_conninfo(url, extra=self.options.connect_kwargs)
+        self._own_app_name = (
+            "application_name" in self.options.connect_kwargs
+            or "application_name" in conninfo_to_dict(url)
+        )
         self.schema = self.options.schema
         self.expires = _expiry(self.expires)
         failure_expires = conf.get("result_failure_expires")
@@ -223,9 +228,13 @@ class PostgresBackend(BaseBackend):
             local.pid = os.getpid()
         return local
 
-    def _connect(self) -> psycopg.Connection:
+    def _connect(self, role: str = "results") -> psycopg.Connection:
+        kwargs = {}
+        if not self._own_app_name:
+            # Tell the backend's sessions apart in pg_stat_activity.
+            kwargs["application_name"] = f"kombu_pg:{role}"
         try:
-            return connect(self.conninfo)
+            return connect(self.conninfo, **kwargs)
         except psycopg.OperationalError as exc:
             raise psycopg.OperationalError(
                 f"kombu-pg result backend cannot connect to {redact(self.conninfo)}: {exc}"
@@ -294,7 +303,7 @@ class PostgresBackend(BaseBackend):
             self._discard(listener.conn)
             listener = local.listener = None
         if listener is None:
-            listener = local.listener = ResultListener(self._connect(), self.schema)
+            listener = local.listener = ResultListener(self._connect("results-listen"), self.schema)
         return listener
 
     def _drop_listener(self) -> None:

@@ -161,6 +161,18 @@ def test_auto_migrate_off_refuses_an_unmigrated_schema(make_app):
         app.backend.get_task_meta("x")
 
 
+def test_sessions_are_named_unless_the_url_names_them(make_app, pg_url, pg_conn):
+    def app_name(app):
+        app.backend.store_result(uuid(), 1, states.SUCCESS)
+        pid = app.backend._local.store.conn.info.backend_pid
+        return pg_conn.execute(
+            "SELECT application_name FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]
+
+    assert app_name(make_app()) == "kombu_pg:results"
+    sep = "&" if "?" in pg_url else "?"
+    assert app_name(make_app(url=f"{pg_url}{sep}application_name=mine")) == "mine"
+
+
 def test_schema_is_created_on_first_use(app, pg_conn, schema):
     app.backend.store_result("t1", 1, states.SUCCESS)
     version = pg_conn.execute(

@@ -690,6 +690,11 @@ class PostgresBackend(BaseBackend):
             bytes_to_str(group_id), int(chord_size), expires=self.chord_expires,
         ))
 
+    def add_to_chord(self, chord_id, result):
+        """``Task.add_to_chord()``: the added task's value reaches the body after the
+        header's values."""
+        self._run(lambda store: store.chord_add(bytes_to_str(chord_id), expires=self.chord_expires))
+
     def _unpack_part(self, part: Mapping[str, Any]):
         value = self._decode_with(part["result"], part["content_type"], part["content_encoding"])
         state = part["state"]

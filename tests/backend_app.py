@@ -66,3 +66,10 @@ def blob(size):
 @app.task
 def identity(value):
     return value
+
+
+@app.task(bind=True)
+def add_to_own_chord(self, value):
+    """A chord header task that adds one more task to its chord."""
+    self.add_to_chord(add.si(value, value))
+    return value

@@ -120,6 +120,11 @@ def test_chord_whose_header_tasks_ignore_their_results(client):
     assert all(r.state == states.PENDING for r in res.parent.results)
 
 
+def test_add_to_chord(client):
+    res = chord([s(client, "add_to_own_chord", 5), s(client, "add", 1, 1)], s(client, "identity")).delay()
+    assert res.get(timeout=TIMEOUT) == [5, 2, 10]
+
+
 def test_chord_of_chords(client):
     inner1 = chord([s(client, "add", 1, 1), s(client, "add", 2, 2)], s(client, "xsum"))
     inner2 = chord([s(client, "add", 3, 3)], s(client, "xsum"))

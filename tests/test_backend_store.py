@@ -119,3 +119,14 @@ def test_cleanup_deletes_in_batches(pg_conn, schema, store):
 
 def test_channel_name():
     assert results_channel("kombu_pg") == "kombu_pg:results"
+
+
+def test_chord_add_raises_the_target_even_before_the_size_is_set(store):
+    gid = str(uuid.uuid4())
+    store.chord_start(gid, task_ids=["a", "b"])
+    store.chord_add(gid)  # "a" adds a task "x" while running
+    assert not _part(store, gid, "a", 0, str(uuid.uuid4())).claimed
+    store.set_chord_size(gid, 2)
+    assert not _part(store, gid, "b", 1, str(uuid.uuid4())).claimed
+    assert _part(store, gid, "x", 0, str(uuid.uuid4())).claimed
+    assert [p["task_id"] for p in store.chord_parts(gid)] == ["a", "b", "x"]

@@ -122,6 +122,14 @@ ON CONFLICT (group_id) DO UPDATE SET
     fired_at = NULL,
     expires_at = EXCLUDED.expires_at
 
+-- name: chord_add
+-- Task.add_to_chord(): one more part must return before the body is sent.  Counted as
+-- a part owed (done - 1), so a later set_chord_size() cannot overwrite it; the header
+-- task adding it has not returned yet, so the chord cannot have fired.
+INSERT INTO {schema}.chords AS c (group_id, done, expires_at)
+VALUES (%(group_id)s, -1, now() + make_interval(secs => %(expires)s))
+ON CONFLICT (group_id) DO UPDATE SET done = c.done - 1, expires_at = EXCLUDED.expires_at
+
 -- name: chord_part_return
 -- One header part returned: record its value once (a redelivered part is not counted
 -- twice), bump the counter, and claim the body for this call when the counter reaches

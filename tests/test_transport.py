@@ -298,3 +298,22 @@ def test_reject_dead_letters_when_enabled(pg_url, schema, pg_conn):
     assert (task_id, reason) == ("task-1", "rejected")
     assert json.loads(message)["headers"] == {"id": "task-1", "task": "proj.t"}  # kept whole
     assert table_count(pg_conn, schema, "messages") == 0
+
+
+def test_celery_settings_reach_the_connection(pg_url, schema):
+    """broker_connection_timeout becomes libpq's connect_timeout; connect_kwargs is the
+    explicit way to pass other libpq parameters; other options are never forwarded."""
+    from celery import Celery
+
+    app = Celery("settings", broker=pg_url, set_as_current=False)
+    app.conf.broker_connection_timeout = 7
+    app.conf.broker_transport_options = {
+        "schema": schema, "connect_kwargs": {"application_name": "kombu_pg_settings_test"},
+        "max_retries": 3,  # Celery's publish-retry key: accepted, not sent to libpq
+    }
+    with app.connection_for_write() as conn:
+        info = psycopg.conninfo.conninfo_to_dict(conn.transport.conninfo)
+        assert info["connect_timeout"] == "7" and "max_retries" not in info
+        store = conn.default_channel.store
+        assert store.conn.execute("SHOW application_name").fetchone()[0] == "kombu_pg_settings_test"
+    app.close()

@@ -114,6 +114,53 @@ def status(ctx: click.Context, as_json: bool, keys: int) -> None:
         _print_status(report)
 
 
+@pg.command(name="metrics")
+@click.option("--port", default=9808, show_default=True, type=click.IntRange(0, 65535),
+              help="Port to serve /metrics on (0: any free port, printed at start).")
+@click.option("--addr", default="0.0.0.0", show_default=True, help="Address to bind.")
+@click.option("--results/--no-results", default=True, show_default=True,
+              help="Result-backend gauges (counts the results table at every scrape).")
+@click.option("--dlq/--no-dlq", default=None,
+              help="DLQ gauges (default: when the app installs celery_dlq).")
+@click.option("--max-queues", default=100, show_default=True, type=click.IntRange(1),
+              help="Queue label values beyond this many are summed as '(other)'.")
+@click.pass_context
+def metrics_command(ctx: click.Context, port: int, addr: str, results: bool, dlq: bool | None,
+                    max_queues: int) -> None:
+    """Serve Prometheus metrics: queue gauges from the database, plus the workers' counters
+    when PROMETHEUS_MULTIPROC_DIR is shared with them (see docs/metrics.md)."""
+    import signal
+    import threading
+
+    from . import metrics
+
+    target = Target.resolve(ctx)
+    app = getattr(ctx.obj, "app", None)
+    if dlq and app is None:
+        raise click.UsageError("--dlq needs the app: celery -A proj pg metrics --dlq")
+    registry = metrics.build_registry(
+        app, conninfo=target.conninfo, schema=target.options.schema,
+        max_deliveries=target.options.max_deliveries, results=results, dlq=dlq, max_queues=max_queues)
+    try:
+        server, thread = metrics.start_http_server(port, addr, registry=registry)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {addr}:{port}: {exc}") from None
+    mode = metrics.multiprocess_dir()
+    click.echo(f"kombu-pg metrics: serving http://{addr}:{server.server_port}/metrics "
+               f"(schema {target.options.schema}; counters: "
+               f"{'multiprocess ' + mode if mode else 'this process only'})")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(3600):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def _dead_letters(conn: psycopg.Connection, schema: str) -> int | None:
     # The DLQ table belongs to celery_dlq's migration; report None where it is absent.
     exists = conn.execute("SELECT to_regclass(format('%%I.dlq', %s::text)) IS NOT NULL", (schema,)).fetchone()[0]

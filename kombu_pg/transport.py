@@ -29,6 +29,7 @@ from kombu.utils.compat import register_after_fork
 from kombu.utils.json import dumps, loads
 from kombu.utils.scheduling import FairCycle
 
+from . import metrics
 from .config import Options, build_conninfo, redact
 from .store import JOB_KEY_MODES, BrokerStore, Claimed, JobPublish, apply_migrations, check_version, connect
 from .store.broker import DUE_PREFIX, JOB_KEY_HEADER, JOB_KEY_MODE_HEADER, SERIAL_KEY_HEADER
@@ -78,6 +79,7 @@ class QoS(virtual.QoS):
             return
         could_claim = self.claim_limit()
         self.channel.connection.buffer_ack(delivery_tag)
+        metrics.acked(self._delivered.get(delivery_tag))
         super().ack(delivery_tag)
         if not could_claim and self.claim_limit():
             self.channel.connection.wake()
@@ -94,6 +96,7 @@ class QoS(virtual.QoS):
         else:
             transport.buffer_ack(delivery_tag)
             logger.info("kombu-pg: message %s rejected without requeue and deleted", delivery_tag)
+        metrics.rejected(self._delivered.get(delivery_tag), requeue)
         super().ack(delivery_tag)
         if not could_claim and self.claim_limit():
             self.channel.connection.wake()
@@ -237,9 +240,11 @@ class Channel(virtual.Channel):
         if row.job_key is not None:
             raise ValueError("job keys need the default exchange (routing key = queue): one waiting "
                              "message per key cannot span several bound queues")
+        started = monotonic()
         queues = self.store.publish_routed(exchange, routing_key, row.payload, priority=row.priority,
                                            ttl=row.ttl, serial_key=row.serial_key,
                                            visible_at=row.visible_at)
+        metrics.published(row.serial_key is not None, monotonic() - started, len(queues))
         if not queues and self.deadletter_queue:
             logger.warning("kombu-pg: no route for exchange=%r routing_key=%r; sent to %r",
                            exchange, routing_key, self.deadletter_queue)
@@ -254,17 +259,22 @@ class Channel(virtual.Channel):
         if row.job_key is not None:
             self._insert_job(queue, row)
             return
+        started = monotonic()
         self.store.publish(queue, row.payload, priority=row.priority, ttl=row.ttl, serial_key=row.serial_key,
                            visible_at=row.visible_at, notify=self._should_notify(queue, row))
+        metrics.published(row.serial_key is not None, monotonic() - started)
 
     def _should_notify(self, queue: str, row: "_Row") -> bool:
         # A delayed message's NOTIFY only announces its due time: never debounced away.
         return row.visible_at is not None or self.connection.debouncer.should_notify(queue)
 
     def _insert_job(self, queue: str, row: "_Row") -> None:
+        started = monotonic()
         self.last_job_publish = self.store.publish_job(
             queue, row.payload, row.job_key, mode=row.job_key_mode, priority=row.priority, ttl=row.ttl,
             serial_key=row.serial_key, visible_at=row.visible_at)
+        metrics.published(row.serial_key is not None, monotonic() - started,
+                          self.last_job_publish.outcome != "dropped")
         if self.last_job_publish.outcome == "dropped":
             logger.info("kombu-pg: message with job key %r dropped: one is already waiting (mode keep)",
                         row.job_key)
@@ -317,8 +327,10 @@ class Channel(virtual.Channel):
         """Claim up to ``limit`` messages of ``queue`` as Kombu payloads, best first."""
         if no_ack is None:
             no_ack = queue in self._noack_queues
+        started = monotonic()
         rows = self.store.claim(queue, limit, self.connection.consumer_id(),
                                 max_deliveries=self.connection.options.max_deliveries)
+        claim_seconds = monotonic() - started
         if no_ack:
             # Nobody will ack: done with them as soon as they are handed over.
             self.store.ack([row.token for row in rows])
@@ -328,6 +340,7 @@ class Channel(virtual.Channel):
                 messages.append(self._to_payload(row))
             except InvalidMessage as exc:
                 self._set_aside(queue, row, exc, no_ack)
+        metrics.claimed(messages, claim_seconds, no_ack)
         return messages
 
     def _to_payload(self, row: Claimed) -> dict:

@@ -222,11 +222,17 @@ VALUES (%(id)s, %(queue)s, %(payload)s, %(error)s)
 ON CONFLICT (id) DO NOTHING
 
 -- name: queue_stats
--- One row per queue that is declared or has messages: what an operator wants to see.
+-- One row per queue that is declared or has messages: what an operator wants to see
+-- (`pg status`, and the per-queue gauges of kombu_pg.metrics at scrape time).
+-- temporary: declared auto-delete, exclusive or with x-expires (pidbox, reply and event
+-- queues, whose names carry host names or uuids).  oldest_ready_age: age of the oldest
+-- message a consumer could take now (not delayed, not in flight, not poison).
 WITH names AS (
-    SELECT name AS queue FROM {schema}.queues
+    SELECT name AS queue, (auto_delete OR exclusive OR expires_ms IS NOT NULL) AS temporary
+    FROM {schema}.queues
     UNION
-    SELECT DISTINCT queue FROM {schema}.messages
+    SELECT DISTINCT m.queue, false FROM {schema}.messages m
+    WHERE NOT EXISTS (SELECT 1 FROM {schema}.queues q WHERE q.name = m.queue)
 )
 SELECT n.queue,
        count(m.id) FILTER (WHERE m.lock_token IS NULL AND m.visible_at IS NULL
@@ -238,9 +244,13 @@ SELECT n.queue,
        extract(epoch FROM now() - min(m.created_at) FILTER (WHERE m.lock_token IS NULL)) AS oldest_age,
        count(DISTINCT m.locked_by) FILTER (WHERE m.lock_token IS NOT NULL) AS consumers_holding,
        count(DISTINCT m.serial_key) FILTER (WHERE m.lock_token IS NOT NULL) AS keys_in_flight,
-       count(DISTINCT m.serial_key) FILTER (WHERE m.lock_token IS NULL) AS keys_waiting
+       count(DISTINCT m.serial_key) FILTER (WHERE m.lock_token IS NULL) AS keys_waiting,
+       extract(epoch FROM now() - min(m.created_at) FILTER (
+           WHERE m.lock_token IS NULL AND m.visible_at IS NULL
+             AND m.delivery_count < coalesce(%(max_deliveries)s, 2147483647))) AS oldest_ready_age,
+       n.temporary
 FROM names n LEFT JOIN {schema}.messages m ON m.queue = n.queue
-GROUP BY n.queue
+GROUP BY n.queue, n.temporary
 ORDER BY n.queue
 
 -- name: serial_key_stats

@@ -1,0 +1,53 @@
+"""The claim's plans: index scans on the partial indexes, never a scan or sort of the table.
+
+auto_explain sends each nested statement's plan to the client as a NOTICE, so the test
+sees the plans PostgreSQL really used inside the claim function on a deep queue.
+"""
+
+from __future__ import annotations
+
+import pytest
+from psycopg import sql
+
+
+@pytest.fixture
+def deep_store(store):
+    table = sql.SQL("{}.messages").format(sql.Identifier(store.schema))
+    store.conn.execute(sql.SQL(
+        "INSERT INTO {} (queue, priority, payload, serial_key) "
+        "SELECT CASE WHEN n % 10 = 0 THEN 'other' ELSE 'deep' END, n % 10, 'x', "
+        "       CASE WHEN n % 7 = 0 THEN 'k' || (n % 64) END "
+        "FROM generate_series(1, 200000) AS n").format(table))
+    store.conn.execute(sql.SQL("ANALYZE {}").format(table))
+    return store
+
+
+def claim_plans(store, **claim) -> str:
+    notices = []
+    store.conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+    try:
+        store.conn.execute("LOAD 'auto_explain'")
+    except Exception as exc:  # pragma: no cover - depends on the server build
+        pytest.skip(f"auto_explain not available: {exc}")
+    for setting in ("auto_explain.log_min_duration = 0", "auto_explain.log_nested_statements = on",
+                    "auto_explain.log_level = notice"):
+        store.conn.execute(f"SET {setting}")
+    try:
+        claimed = store.claim("deep", 50, store.register_consumer(), **claim)
+    finally:
+        store.conn.execute("SET auto_explain.log_min_duration = -1")
+    assert len(claimed) == 50
+    return "\n".join(notices)
+
+
+def test_claim_uses_the_ready_indexes_without_sorting(deep_store):
+    plans = claim_plans(deep_store)
+    assert "messages_ready_idx" in plans          # unkeyed candidates
+    assert "messages_ready_keyed_idx" in plans    # keyed candidates
+    assert "Seq Scan on messages" not in plans
+    assert "Sort" not in plans
+
+
+def test_claim_with_max_deliveries_still_uses_the_indexes(deep_store):
+    plans = claim_plans(deep_store, max_deliveries=5)
+    assert "Seq Scan on messages" not in plans and "Sort" not in plans

@@ -66,7 +66,10 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 _enabled = Counter is not None and os.environ.get("KOMBU_PG_METRICS", "1").lower() not in (
     "0", "false", "off", "no")
 
-if Counter is not None:
+
+def _define() -> None:
+    global PUBLISHED, DELIVERED, ACKED, REJECTED, REDELIVERED, PUBLISH_SECONDS, CLAIM_SECONDS
+    global _published, _delivered, _acked, _redelivered, _rejected
     PUBLISHED = Counter("kombu_pg_messages_published", "Messages written to a queue by this "
                         "transport (a routed publish counts once per queue it reached).", ("kind",))
     DELIVERED = Counter("kombu_pg_messages_delivered", "Messages claimed and handed to a consumer.",
@@ -90,6 +93,15 @@ if Counter is not None:
     _redelivered = (REDELIVERED.labels("parallel"), REDELIVERED.labels("serial"))
     _rejected = {(serial, requeue): REJECTED.labels(KINDS[serial], "true" if requeue else "false")
                  for serial in (False, True) for requeue in (False, True)}
+
+
+if Counter is not None:
+    try:
+        _define()
+    except Exception as exc:  # e.g. PROMETHEUS_MULTIPROC_DIR names a missing directory
+        logger.warning("kombu-pg metrics disabled: %s", exc)
+        Counter = None  # type: ignore  # noqa: F811
+        _enabled = False
 
 
 def enabled() -> bool:

@@ -13,7 +13,6 @@ import time
 import urllib.request
 from datetime import datetime, timedelta, timezone
 
-import psycopg
 import pytest
 from celery import Celery, states
 from kombu import Connection, Consumer, Exchange, Producer, Queue
@@ -264,6 +263,10 @@ def test_result_gauges_count_results_by_state(pg_url, pg_conn, schema):
         "SELECT count(*) FROM {}.results WHERE expires_at <= now()").format(sql.Identifier(schema))).fetchone()[0]
     assert value(found, "kombu_pg_chords_pending") == 0
     assert value(found, "kombu_pg_scrape_ok", part="results") == 1
+    # Without an app (`kombu-pg --url ... metrics`), results are read from the broker's schema.
+    found = samples(metrics.build_registry(conninfo=pg_url, schema=schema, events=False))
+    assert value(found, "kombu_pg_results", state="SUCCESS") == 3
+    assert value(found, "kombu_pg_scrape_ok", part="broker") == 1
     # Not a kombu-pg backend: nothing to collect.
     assert ResultCollector.for_app(Celery("x", backend="cache+memory://", set_as_current=False)) is None
 
@@ -308,6 +311,26 @@ def test_label_sets_are_bounded(pg_url, schema):
     assert {v for k, v in values if k == "queue"} == {"bounded"}
     text = repr(found)
     assert "secret" not in text.lower()
+
+
+def test_start_http_server_in_process(pg_url, schema):
+    """What a worker_init handler does: serve this process's counters and the gauges."""
+    app = Celery("inproc", broker=pg_url, set_as_current=False)
+    app.conf.broker_transport_options = {"schema": schema}
+    with app.connection_for_write() as conn:
+        conn.connect()
+        Producer(conn.default_channel).publish("x", routing_key="inproc", declare=[Queue("inproc")])
+    server, thread = metrics.start_http_server(0, "127.0.0.1", app=app)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/metrics", timeout=10) as response:
+            found = samples(response.read().decode())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert value(found, "kombu_pg_queue_ready_messages", queue="inproc") == 1
+    assert value(found, "kombu_pg_messages_published_total", kind="parallel") == counter("published", kind="parallel")
+    assert value(found, "kombu_pg_messages_published_total", kind="parallel") >= 1
+    assert ("kombu_pg_results", frozenset({("state", "SUCCESS")})) not in found  # no kombu-pg backend
 
 
 # -- the exporter command and prefork multiprocess mode ------------------------------------
@@ -421,3 +444,13 @@ def test_prefork_children_counters_reach_the_exporter(app_env, tmp_path, pg_url,
     assert value(found, "kombu_pg_messages_delivered_total", kind="serial") == 0
     assert value(found, "kombu_pg_queue_ready_messages", queue="sink") == roots * (parallel + serial)
     assert value(found, "kombu_pg_results", state="SUCCESS") == roots
+
+
+def test_bad_multiprocess_dir_disables_metrics_instead_of_breaking_the_transport(tmp_path):
+    code = ("import kombu_pg.transport, kombu_pg.metrics as m; "
+            "m.published(False, 0.001); m.claimed([], 0.001); print('enabled', m.enabled())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "missing")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "enabled False"
+    assert "kombu-pg metrics disabled" in result.stderr

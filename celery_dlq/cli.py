@@ -1,4 +1,4 @@
-"""``celery -A proj dlq ...``: inspect, requeue, delete, purge, stats, reap.
+"""``celery -A proj dlq ...``: inspect, requeue, delete, purge, stats, reap, serve.
 
 Registered through the ``celery.commands`` entry point (``dlq = "celery_dlq.cli:dlq"``);
 ``python -m celery_dlq -A proj dlq ...`` works without it.
@@ -98,7 +98,7 @@ def _run(ctx, fn):
 @click.group(name="dlq")
 @click.pass_context
 def dlq(ctx):
-    """Dead-letter queue: list, show, requeue, delete, purge, stats, reap."""
+    """Dead-letter queue: list, show, requeue, delete, purge, stats, reap, serve."""
     if ctx.obj is None or getattr(ctx.obj, "app", None) is None:
         raise click.UsageError("run as `celery -A proj dlq ...` (no Celery app given)")
 
@@ -274,6 +274,40 @@ def reap(ctx, dry_run, loop, interval, as_json):
             return EXIT_OK
         report = api.reap(dry_run=dry_run)
         _emit(report, as_json, ", ".join(f"{k} {v}" for k, v in report.items()))
+        return EXIT_OK
+
+    _run(ctx, run)
+
+
+@dlq.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8088, show_default=True,
+              help="Port (0: any free port, printed at start).")
+@click.option("--token", envvar="CELERY_DLQ_TOKEN", show_envvar=True,
+              help="Require `Authorization: Bearer TOKEN` on every request.")
+@click.pass_context
+def serve(ctx, host, port, token):
+    """Serve the DLQ admin (JSON API and page) over HTTP until SIGTERM or Ctrl-C."""
+    import threading
+
+    from .http import DLQAdmin, make_http_server
+
+    def run(api):
+        api.stats()  # fail fast (exit 1) when the database cannot be reached
+        server = make_http_server(DLQAdmin(dlq=api, token=token), host, port)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *a: stop.set())
+        signal.signal(signal.SIGINT, lambda *a: stop.set())
+        thread = threading.Thread(target=server.serve_forever, name="celery-dlq-http", daemon=True)
+        thread.start()
+        bound_host, bound_port = server.server_address[:2]
+        if not token and bound_host not in ("127.0.0.1", "::1", "localhost"):
+            click.echo("warning: no --token, and listening beyond localhost", err=True)
+        click.echo(f"celery_dlq admin on http://{bound_host}:{bound_port}/")
+        sys.stdout.flush()
+        stop.wait()
+        server.shutdown()
+        server.server_close()
         return EXIT_OK
 
     _run(ctx, run)

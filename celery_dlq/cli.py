@@ -290,18 +290,20 @@ def serve(ctx, host, port, token):
     """Serve the DLQ admin (JSON API and page) over HTTP until SIGTERM or Ctrl-C."""
     import threading
 
-    from .http import DLQAdmin, make_http_server
+    from .http import LOOPBACK_HOSTS, DLQAdmin, make_http_server
 
     def run(api):
         api.stats()  # fail fast (exit 1) when the database cannot be reached
-        server = make_http_server(DLQAdmin(dlq=api, token=token), host, port)
+        # On loopback only local Host names are answered: no DNS rebinding onto the admin.
+        allowed = LOOPBACK_HOSTS if host in LOOPBACK_HOSTS else None
+        server = make_http_server(DLQAdmin(dlq=api, token=token, allowed_hosts=allowed), host, port)
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *a: stop.set())
         signal.signal(signal.SIGINT, lambda *a: stop.set())
         thread = threading.Thread(target=server.serve_forever, name="celery-dlq-http", daemon=True)
         thread.start()
         bound_host, bound_port = server.server_address[:2]
-        if not token and bound_host not in ("127.0.0.1", "::1", "localhost"):
+        if not token and bound_host not in LOOPBACK_HOSTS:
             click.echo("warning: no --token, and listening beyond localhost", err=True)
         click.echo(f"celery_dlq admin on http://{bound_host}:{bound_port}/")
         sys.stdout.flush()

@@ -163,7 +163,7 @@ class DLQAdmin:
     """
 
     def __init__(self, app=None, *, dlq: DLQ | None = None, token: str | None = None,
-                 max_page: int = MAX_PAGE) -> None:
+                 max_page: int = MAX_PAGE, allowed_hosts: Iterable[str] | None = None) -> None:
         if dlq is None:
             if app is None:
                 raise TypeError("DLQAdmin needs a Celery app or dlq=DLQ(app)")
@@ -171,6 +171,9 @@ class DLQAdmin:
         self.dlq = dlq
         self.token = token or None
         self.max_page = max_page
+        #: Host header names accepted (any when None): on a loopback address this stops a
+        #: DNS-rebinding page from reaching an admin that has no token.
+        self.allowed_hosts = {h.lower() for h in allowed_hosts} if allowed_hosts is not None else None
         self._lock = threading.Lock()
         self.asgi = ASGIAdapter(self)
         self._routes: list[tuple[re.Pattern, dict[str, Callable]]] = [
@@ -199,6 +202,7 @@ class DLQAdmin:
         path = environ.get("PATH_INFO") or "/"
         method = environ.get("REQUEST_METHOD", "GET").upper()
         try:
+            self._check_host(environ)
             handler, args = self._route(method, path)
             authorized = self._authorized(environ)
             if handler == self.page:
@@ -236,6 +240,19 @@ class DLQAdmin:
                     raise HTTPError(404, f"no DLQ entry with id {args[0]}")
                 return methods[method], args
         raise HTTPError(404, f"no such endpoint: {path}")
+
+    def _check_host(self, environ) -> None:
+        if self.allowed_hosts is None:
+            return
+        host = (environ.get("HTTP_HOST") or "").strip().lower()
+        if host.startswith("["):  # [::1]:8088
+            name = host[1:].partition("]")[0]
+        elif host.count(":") == 1:  # name:port
+            name = host.partition(":")[0]
+        else:  # a name without a port, or a bare IPv6 address
+            name = host
+        if name not in self.allowed_hosts:
+            raise _bad(f"Host {host!r} is not served here")
 
     def _authorized(self, environ) -> bool:
         if self.token is None:
@@ -540,6 +557,9 @@ class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format, *args):  # an access log through logging, not stderr
         logger.info("%s %s", self.address_string(), format % args)
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 def make_http_server(admin: DLQAdmin, host: str = "127.0.0.1", port: int = 8088):

@@ -204,3 +204,18 @@ def test_with_a_token_the_page_asks_for_it(env, browser):  # noqa: F811
     finally:
         browser.js("sessionStorage.clear()")
         server.close()
+
+
+def test_load_more_follows_the_cursor(env, browser):  # noqa: F811
+    ids = [env.add(task="proj.many") for _ in range(53)]
+    server = Server(DLQAdmin(env.app))
+    try:
+        browser.get(server.base + "/")
+        assert until(lambda: len(rows(browser)) == 50, "the first page of 50")
+        assert rows(browser) == ids[::-1][:50]
+        assert browser.js("return document.getElementById('more').hidden") is False
+        browser.click("#more")
+        assert until(lambda: rows(browser) == ids[::-1], "all 53 rows")
+        assert browser.js("return document.getElementById('more').hidden") is True
+    finally:
+        server.close()

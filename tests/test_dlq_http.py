@@ -63,10 +63,11 @@ class Server:
         self.thread.join(10)
 
 
-def request(url, method="GET", body=None, *, token=None, raw=None, content_type="application/json"):
+def request(url, method="GET", body=None, *, token=None, raw=None, content_type="application/json",
+            host=None):
     """(status, headers, decoded JSON or text) for one request; errors are returned too."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    headers = {}
+    headers = {"Host": host} if host else {}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     if method == "POST" or data:
@@ -391,6 +392,10 @@ def test_the_serve_command(env):
         base = line.split(" on ", 1)[1].strip().rstrip("/")
         assert request(base + "/api/entries")[0] == 401
         assert request(base + "/api/entries", token="tok")[2]["rows"][0]["id"] == row_id
+        # On loopback only local Host names are answered (no DNS rebinding onto the admin).
+        status, _, err = request(base + "/api/entries", token="tok", host="evil.example:8088")
+        assert status == 400 and "evil.example" in err["message"]
+        assert request(base + "/api/stats", token="tok", host="localhost")[0] == 200
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0

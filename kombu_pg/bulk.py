@@ -15,6 +15,7 @@ All or nothing: if the block raises, nothing is published.  Messages with a job 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from time import monotonic
 from typing import Iterable, Iterator
 
 from celery import Celery
@@ -22,6 +23,7 @@ from celery.canvas import Signature
 from celery.result import AsyncResult
 from kombu import Producer
 
+from . import metrics
 from .store.broker import OutgoingMessage
 from .transport import Channel, Transport
 
@@ -47,7 +49,14 @@ class _BatchChannel(Channel):
 
     def flush(self) -> int:
         messages, self.pending = self.pending, []
-        return self.store.publish_many(messages)
+        started = monotonic()
+        count = self.store.publish_many(messages)
+        seconds = monotonic() - started
+        serial = sum(1 for m in messages if m.serial_key is not None)
+        for is_serial, n in ((True, serial), (False, count - serial)):
+            if n:
+                metrics.published(is_serial, seconds, n)
+        return count
 
 
 @contextmanager

@@ -38,6 +38,11 @@ from .store.wakeups import Listener, NotifyDebouncer
 
 logger = logging.getLogger(__name__)
 
+#: In the event loop, acks are written together: at the next claim, when this many are
+#: waiting, or this many seconds after the first (a lost batch only means redelivery).
+ACK_BATCH = 64
+ACK_WINDOW = 0.01
+
 EXCHANGE_TYPES = ("direct", "topic", "fanout")
 
 # Migrations run once per (server, schema) per process; later connections skip the check.
@@ -464,6 +469,7 @@ class Transport(virtual.Transport):
         self._next_maintenance = 0.0
         self._next_due: float | None = None
         self._due_timer = None
+        self._ack_timer = None
         self._hub = None
         self._timers: list = []
         self._maintenance: BrokerStore | None = None
@@ -611,8 +617,18 @@ class Transport(virtual.Transport):
         with self._ack_lock:
             first = not self._acks
             self._acks.append(tag)
-        if first and threading.get_ident() != self._loop_thread:
+        if not first:
+            return
+        if threading.get_ident() != self._loop_thread:
             self._poke()
+        elif self._hub is not None and self._ack_timer is None:
+            # Every flush is a commit (a WAL flush): gather the acks of a short window
+            # into one, unless a claim (which flushes first) comes sooner.
+            self._ack_timer = self._hub.call_later(ACK_WINDOW, self._flush_acks_on_timer)
+
+    def _flush_acks_on_timer(self) -> None:
+        self._ack_timer = None
+        self.flush_acks()
 
     def flush_acks(self) -> None:
         work = self._work
@@ -656,10 +672,8 @@ class Transport(virtual.Transport):
 
     def _fetch_pending(self) -> None:
         """Deliver from queues with possible work, within each channel's prefetch."""
-        self.flush_acks()
         pending = self._pending
-        if not pending:
-            return
+        acks_flushed = False
         for channel in list(self.channels):
             if not channel._consumers:
                 continue
@@ -669,6 +683,11 @@ class Transport(virtual.Transport):
                 limit = channel.qos.claim_limit()
                 if not limit:
                     break  # full: stays pending until an ack frees capacity
+                if not acks_flushed:
+                    # Acks go with a claim (not on every loop tick while a queue is pending
+                    # but the prefetch window is full): one commit less per batch.
+                    self.flush_acks()
+                    acks_flushed = True
                 if channel.deliver_batch(queue, self._deliver) < limit:
                     pending.discard(queue)
         # Queues nobody here consumes any more need no fetch.
@@ -783,10 +802,10 @@ class Transport(virtual.Transport):
         if self._wake_fds is not None:
             hub.remove(self._wake_fds[0])
         hub.on_tick.discard(self._on_tick)
-        for tref in [*self._timers, self._due_timer]:
+        for tref in [*self._timers, self._due_timer, self._ack_timer]:
             if tref is not None:
                 tref.cancel()
-        self._timers, self._due_timer = [], None
+        self._timers, self._due_timer, self._ack_timer = [], None, None
 
     def _on_notify(self) -> None:
         self._take_notifications(self.listener().drain())
@@ -800,7 +819,7 @@ class Transport(virtual.Transport):
         # Runs on every loop iteration: no SQL unless there are acks or a queue may have work.
         if self._pending:
             self._fetch_pending()
-        elif self._acks:
+        elif len(self._acks) >= ACK_BATCH:
             self.flush_acks()
 
     def _safety_poll(self) -> None:
@@ -872,5 +891,5 @@ def _ttl_seconds(message: dict) -> float | None:
 def _after_fork(transport: Transport) -> None:
     # Drop, never close: closing would end the parent's sessions (shared sockets).
     transport._work = transport._listener = transport._consumer_id = None
-    transport._maintenance = transport._wake_fds = transport._hub = None
+    transport._maintenance = transport._wake_fds = transport._hub = transport._ack_timer = None
     transport._timers = []

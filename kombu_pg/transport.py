@@ -620,10 +620,14 @@ class Transport(virtual.Transport):
         if not first:
             return
         if threading.get_ident() != self._loop_thread:
-            self._poke()
-        elif self._hub is not None and self._ack_timer is None:
-            # Every flush is a commit (a WAL flush): gather the acks of a short window
-            # into one, unless a claim (which flushes first) comes sooner.
+            self._poke()  # the loop schedules the flush (_on_wake)
+        else:
+            self._schedule_ack_flush()
+
+    def _schedule_ack_flush(self) -> None:
+        # Every flush is a commit (a WAL flush): gather the acks of a short window into
+        # one, unless a claim (which flushes first) comes sooner.  Loop thread only.
+        if self._acks and self._hub is not None and self._ack_timer is None:
             self._ack_timer = self._hub.call_later(ACK_WINDOW, self._flush_acks_on_timer)
 
     def _flush_acks_on_timer(self) -> None:
@@ -814,6 +818,7 @@ class Transport(virtual.Transport):
     def _on_wake(self) -> None:
         self._drain_wake_pipe()
         self._fetch_pending()
+        self._schedule_ack_flush()
 
     def _on_tick(self) -> None:
         # Runs on every loop iteration: no SQL unless there are acks or a queue may have work.

@@ -317,3 +317,16 @@ def test_celery_settings_reach_the_connection(pg_url, schema):
         store = conn.default_channel.store
         assert store.conn.execute("SHOW application_name").fetchone()[0] == "kombu_pg_settings_test"
     app.close()
+
+
+def test_a_multi_host_url_fails_over_to_the_next_host(pg_url, schema):
+    """libpq multi-host URLs pass through untouched: a dead first host is skipped."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(pg_url)
+    if not parts.hostname:
+        pytest.skip("the server listens on a Unix socket only")
+    user = parts.username or "postgres"
+    url = f"postgresql://{user}@127.0.0.1:1,{parts.hostname}:{parts.port or 5432}{parts.path}?connect_timeout=3"
+    with Connection(url, transport_options={"schema": schema}) as c:
+        assert c.default_channel.store.conn.info.port == (parts.port or 5432)

@@ -6,7 +6,6 @@ the short sleeps inside :func:`wait_until` are the polling step, not a synchroni
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import psycopg
@@ -14,17 +13,8 @@ from psycopg import sql
 
 from kombu_pg.store import BrokerStore, apply_migrations
 
+from .worker import wait_until  # noqa: F401  (re-exported for the chaos tests)
 
-def wait_until(predicate, timeout: float = 30.0, what: str = "condition", step: float = 0.05):
-    """Return the first truthy value of ``predicate()``; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(step)
 
 
 def create_log_tables(conn: psycopg.Connection, schema: str) -> None:

@@ -16,13 +16,15 @@ from celery import Celery, states
 from celery.app.task import Context
 from celery.backends.base import COMPRESSED_PAYLOAD_MAGIC
 from celery.exceptions import ChordError, TaskRevokedError, TimeoutError
-from celery.result import AsyncResult, GroupResult
+from celery.result import GroupResult
 from kombu.utils.uuid import uuid
 from psycopg import sql
 
 from kombu_pg.backend import BackendOptions, PostgresBackend
 from kombu_pg.config import ConfigurationError
 from kombu_pg.store.migrations import MigrationError
+
+from .worker import wait_until
 
 
 class CustomError(Exception):
@@ -55,17 +57,6 @@ def make_app(pg_url, schema):
 def app(make_app):
     return make_app(result_extended=True)
 
-
-def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
-    """Poll a condition until it holds (the thing awaited has no event to wait on)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def sessions(pg_conn, needle: str) -> list[int]:

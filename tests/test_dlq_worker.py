@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
-import time
 import uuid
 
 import psycopg
@@ -18,22 +16,10 @@ from celery_dlq import DLQ, PRESETS
 from celery_dlq.metrics import DLQCollector
 
 from .dlq_app import make_app, setup_schema
-from .worker import CeleryWorker
+from .worker import CeleryWorker, wait_until
 
 pytestmark = pytest.mark.slow
 
-
-def wait_until(predicate, timeout=30.0, what="condition"):
-    """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        pause.wait(0.1)
 
 
 @pytest.fixture(scope="module")

@@ -100,13 +100,14 @@ class CeleryWorker:
         self.stop()
 
 
-def wait_until(predicate, timeout: float = 30.0, what: str = "condition"):
-    """Poll a database condition with a deadline (no event exists for rows appearing)."""
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition", step: float = 0.05):
+    """Return the first truthy ``predicate()``, polling with a deadline: for conditions
+    (rows appearing, sessions ending) that have no event to wait on."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(step)

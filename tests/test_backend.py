@@ -478,18 +478,22 @@ def test_result_stored_while_listener_is_dead_is_not_missed(make_app, pg_conn, s
     assert handle.result() == "stored"
 
 
-def test_server_restart_during_get(make_app, pg_server, schema):
+@pytest.mark.chaos
+def test_server_restart_during_get(make_app):
     """A waiter outlives a server restart: it keeps reconnecting (with backoff) and
-    gets a result stored once the server is back."""
-    if pg_server is None:
-        pytest.skip("restarts the embedded server; KOMBU_PG_URL points at a shared one")
-    waiter = make_app(options={"polling_interval": 60})
-    tid = uuid()
-    handle = in_thread(waiter.AsyncResult(tid).get, timeout=90)
-    wait_until(lambda: listening_sessions_for(waiter), what="the waiter to LISTEN")
-    pg_server.restart()
-    make_app().backend.store_result(tid, "after restart", states.SUCCESS)
-    assert handle.result(timeout=90) == "after restart"
+    gets a result stored once the server is back.  A private embedded server is
+    restarted, never a shared one."""
+    from kombu_pg.embedded import EmbeddedPostgres
+
+    with EmbeddedPostgres() as server:
+        waiter = make_app(url=server.url, options={"polling_interval": 60})
+        tid = uuid()
+        handle = in_thread(waiter.AsyncResult(tid).get, timeout=90)
+        wait_until(lambda: listening_sessions_for(waiter), what="the waiter to LISTEN")
+        server.restart()
+        make_app(url=server.url).backend.store_result(tid, "after restart", states.SUCCESS)
+        assert handle.result(timeout=90) == "after restart"
+        waiter.backend.close()
 
 
 def test_data_connection_killed_between_calls_reconnects(app, pg_conn, schema):

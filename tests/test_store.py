@@ -199,3 +199,15 @@ def test_nul_characters_survive(store):
     store.publish("q", '{"argsrepr": "\\u0000"}')
     [c] = store.claim("q", 1, cid)
     assert c.payload == '{"argsrepr": "\\u0000"}'
+
+
+def test_x_max_priority_caps_priorities(store):
+    """AMQP: a priority above the queue's x-max-priority counts as the maximum, so it
+    no longer jumps ahead of equal-capped messages published earlier."""
+    cid = store.register_consumer()
+    store.declare_queue("capped", max_priority=3)
+    store.publish("capped", "first", priority=3)
+    store.publish("capped", "second", priority=9)
+    store.publish("other", "x", priority=9)
+    assert [c.payload for c in store.claim("capped", 5, cid)] == ["first", "second"]
+    assert [c.priority for c in store.claim("other", 5, cid)] == [9]

@@ -67,7 +67,8 @@ SELECT queue, exchange, routing_key FROM {schema}.bindings ORDER BY exchange, qu
 -- One message to one queue.  TTL: the sooner of the message's and the queue's.
 WITH inserted AS (
     INSERT INTO {schema}.messages (queue, priority, payload, serial_key, visible_at, expires_at)
-    SELECT %(queue)s, %(priority)s, %(payload)s, %(serial_key)s,
+    -- x-max-priority: higher priorities count as the queue's maximum (AMQP).
+    SELECT %(queue)s, LEAST(%(priority)s, coalesce(q.max_priority, 255)), %(payload)s, %(serial_key)s,
            -- Delayed delivery: invisible until then (NULL or past: ready now).
            CASE WHEN %(visible_at)s::timestamptz > now() THEN %(visible_at)s::timestamptz END,
            LEAST(now() + make_interval(secs => %(ttl)s),
@@ -91,7 +92,7 @@ WITH targets AS (
           END
 ), inserted AS (
     INSERT INTO {schema}.messages (queue, priority, payload, serial_key, visible_at, expires_at)
-    SELECT t.queue, %(priority)s, %(payload)s, %(serial_key)s,
+    SELECT t.queue, LEAST(%(priority)s, coalesce(q.max_priority, 255)), %(payload)s, %(serial_key)s,
            -- Delayed delivery: invisible until then (NULL or past: ready now).
            CASE WHEN %(visible_at)s::timestamptz > now() THEN %(visible_at)s::timestamptz END,
            LEAST(now() + make_interval(secs => %(ttl)s),
@@ -295,7 +296,7 @@ WHERE visible_at IS NOT NULL AND lock_token IS NULL
 -- with the key (keeping its due time for 'preserve_eta'), or ('keep') leave it alone.
 -- Returns nothing when dropped.
 INSERT INTO {schema}.messages AS m (queue, priority, payload, serial_key, visible_at, expires_at, job_key)
-SELECT %(queue)s, %(priority)s, %(payload)s, %(serial_key)s,
+SELECT %(queue)s, LEAST(%(priority)s, coalesce(q.max_priority, 255)), %(payload)s, %(serial_key)s,
        CASE WHEN %(visible_at)s::timestamptz > now() THEN %(visible_at)s::timestamptz END,
        LEAST(now() + make_interval(secs => %(ttl)s),
              now() + make_interval(secs => q.message_ttl_ms / 1000.0)),
@@ -327,7 +328,7 @@ WITH rows AS (
                   WITH ORDINALITY AS r (queue, priority, payload, serial_key, visible_at, ttl, n)
 ), inserted AS (
     INSERT INTO {schema}.messages (queue, priority, payload, serial_key, visible_at, expires_at)
-    SELECT r.queue, r.priority, r.payload, r.serial_key,
+    SELECT r.queue, LEAST(r.priority, coalesce(q.max_priority, 255)), r.payload, r.serial_key,
            CASE WHEN r.visible_at > now() THEN r.visible_at END,
            LEAST(now() + make_interval(secs => r.ttl),
                  now() + make_interval(secs => q.message_ttl_ms / 1000.0))

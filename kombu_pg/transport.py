@@ -577,27 +577,20 @@ class Transport(virtual.Transport):
             self._release()
 
     def _release(self) -> None:
-        if os.getpid() == self._pid and self._work is not None and not self._work.conn.closed:
+        wake_fds, self._wake_fds = self._wake_fds, None
+        if os.getpid() != self._pid:
+            # A forked child must not end the parent's sessions: drop them, never close.
+            self._work = self._listener = self._maintenance = self._consumer_id = None
+            return
+        work, consumer = self._work, self._consumer_id
+        if work is not None and not work.conn.closed:
             try:
                 self.flush_acks()
+                if consumer is not None:
+                    work.unregister_consumer(consumer)
             except psycopg.Error:
-                pass  # unacked then: recovery redelivers them
-        work, listener, consumer = self._work, self._listener, self._consumer_id
-        wake_fds, self._wake_fds = self._wake_fds, None
-        self._work = self._listener = self._consumer_id = self._maintenance = None
-        if os.getpid() != self._pid:
-            return  # a forked child must not end the parent's sessions
-        if work is not None and consumer is not None and not work.conn.closed:
-            try:
-                work.unregister_consumer(consumer)
-            except psycopg.Error:
-                pass  # the session ends below, recovery frees what it held
-        for conn in (work.conn if work else None, listener.conn if listener else None):
-            if conn is not None:
-                try:
-                    conn.close()
-                except psycopg.Error:
-                    pass
+                pass  # the session ends below: recovery frees and redelivers what it held
+        self._drop_sessions()
         for fd in wake_fds or ():
             try:
                 os.close(fd)

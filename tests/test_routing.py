@@ -17,6 +17,7 @@ import pytest
 from psycopg import sql
 
 from tests.monitor_app import ManagedProcess, process_env
+from tests.worker import wait_until
 
 #: Quick safety polls and recovery passes, so TTL and x-expires clean-up is prompt.
 OPTIONS = {"polling_interval": 0.1, "recovery_interval": 0.2}
@@ -45,15 +46,7 @@ def db(pg_conn, schema):
             return dict(pg_conn.execute(query).fetchall())
 
         def wait_until(self, predicate, timeout: float, what: str):
-            """Poll a database condition (no event exists for it) until true or timeout."""
-            deadline = time.monotonic() + timeout
-            while True:
-                value = predicate()
-                if value:
-                    return value
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-                time.sleep(0.05)
+            return wait_until(predicate, timeout, what)
 
     return DB()
 

@@ -1,0 +1,115 @@
+"""A private PostgreSQL server listening on given (veth) addresses, for test_scale_out.
+
+pgserver's own server API listens on a Unix socket only (it passes ``-h ""``), so this
+uses pgserver's binaries and its ``initdb``/``pg_ctl`` wrappers directly: TCP on exactly
+the addresses given (never ``*``) plus a Unix socket for the test process itself, and
+trust authentication only for the given client addresses.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class VethPostgres:
+    """initdb + postgres in a temporary directory; :meth:`stop` removes it all."""
+
+    def __init__(self, listen: Sequence[str], clients: Sequence[str]) -> None:
+        import pgserver
+        from pgserver.utils import find_suitable_port
+
+        self.dir = Path(tempfile.mkdtemp(prefix="kombu_pg_scale_out_"))
+        self.pgdata = self.dir / "data"
+        self.log_path = self.dir / "postgres.log"
+        self.user: str | None = None
+        try:
+            # postgres refuses to run as root: do what pgserver does as root, run as "pgserver".
+            self.user = self._system_user()
+            pgserver.initdb(["--auth=trust", "--encoding=utf8", "-U", "postgres"],
+                            pgdata=self.pgdata, user=self.user, timeout=120)
+            # A port free on the first address now; postgres binds all of them below and
+            # fails loudly if another process took it in between.
+            self.port = find_suitable_port(listen[0])
+            settings = {
+                "listen_addresses": ",".join(listen),
+                "port": str(self.port),
+                "unix_socket_directories": str(self.dir),
+                # Throwaway data: no need to wait for the disk.
+                "fsync": "off",
+                "synchronous_commit": "off",
+                "full_page_writes": "off",
+                # Epoch time and pid on every line: the test reads when and how each of a host's
+                # sessions ended.
+                "log_line_prefix": "%n [%p] ",
+                "log_connections": "on",
+                "log_disconnections": "on",
+            }
+            with open(self.pgdata / "postgresql.conf", "a") as conf:
+                conf.writelines(f"{key} = '{value}'\n" for key, value in settings.items())
+            hba = ["local all all trust"] + [f"host all all {addr}/32 trust" for addr in clients]
+            (self.pgdata / "pg_hba.conf").write_text("\n".join(hba) + "\n")
+            if self.user:
+                shutil.chown(self.pgdata / "pg_hba.conf", self.user, self.user)
+            pgserver.pg_ctl(["-w", "-t", "60", "-l", str(self.log_path), "start"],
+                            pgdata=self.pgdata, user=self.user, timeout=90)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _system_user(self) -> str | None:
+        if os.geteuid() != 0:
+            return None
+        from pgserver._commands import POSTGRES_BIN_PATH
+        from pgserver.utils import (
+            ensure_folder_permissions,
+            ensure_prefix_permissions,
+            ensure_user_exists,
+        )
+
+        ensure_user_exists("pgserver")
+        ensure_prefix_permissions(self.dir)
+        ensure_prefix_permissions(POSTGRES_BIN_PATH)
+        ensure_folder_permissions(POSTGRES_BIN_PATH, stat.S_IRGRP | stat.S_IROTH | stat.S_IXGRP | stat.S_IXOTH)
+        ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", stat.S_IRGRP | stat.S_IROTH)
+        entry = pwd.getpwnam("pgserver")
+        os.chown(self.dir, entry.pw_uid, entry.pw_gid)
+        return "pgserver"
+
+    def url(self, address: str, database: str = "postgres") -> str:
+        """A URL for clients reaching the server over the network at ``address``."""
+        return f"postgresql://postgres@{address}:{self.port}/{database}"
+
+    @property
+    def local_url(self) -> str:
+        """A URL for this process, over the Unix socket."""
+        return f"postgresql://postgres@/postgres?host={self.dir}&port={self.port}"
+
+    def log_lines(self, pid: int) -> list[str]:
+        """Server log lines written by backend ``pid``."""
+        if not self.log_path.exists():
+            return []
+        marker = re.compile(rf"\[{pid}\] ")
+        return [line for line in self.log_path.read_text(errors="replace").splitlines() if marker.search(line)]
+
+    def stop(self) -> None:
+        if (self.pgdata / "postmaster.pid").exists():  # (also after a start that failed half-way)
+            import pgserver
+
+            try:
+                pgserver.pg_ctl(["-w", "-t", "30", "-m", "fast", "stop"], pgdata=self.pgdata,
+                                user=self.user, timeout=60)
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+                try:
+                    pgserver.pg_ctl(["-w", "-t", "30", "-m", "immediate", "stop"], pgdata=self.pgdata,
+                                    user=self.user, timeout=60)
+                except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+                    pass  # not running after all (a start that failed): nothing to stop
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -77,6 +77,10 @@ class Options:
     #: reject(requeue=False) moves the message into the dead-letter table (celery_dlq)
     #: instead of deleting it.  celery_dlq.install() turns this on for kombu-pg brokers.
     dead_letter_rejected: bool = False
+    #: Claims and acks wait for the WAL flush like publishes do.  Off by default: a
+    #: claim or ack undone by a server crash only means a redelivery (as with
+    #: RabbitMQ, whose acks are not confirmed either); publishes are always durable.
+    durable_acks: bool = False
     #: Seconds a producer waits before sending another NOTIFY for the same queue.
     notify_debounce: float = 0.02
     #: Extra libpq connection parameters (e.g. ``sslrootcert``, ``keepalives_idle``),
@@ -116,7 +120,7 @@ class Options:
         md = self.max_deliveries
         if md is not None and (not _is_int(md) or md < 1):
             raise ConfigurationError(f"option 'max_deliveries' must be an integer >= 1 or None, got {md!r}")
-        for name in ("auto_migrate", "native_delayed_delivery", "dead_letter_rejected"):
+        for name in ("auto_migrate", "native_delayed_delivery", "dead_letter_rejected", "durable_acks"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigurationError(f"option {name!r} must be True or False")
         if not isinstance(self.connect_kwargs, Mapping):

@@ -312,7 +312,6 @@ class Channel(virtual.Channel):
         return result
 
     def basic_get(self, queue, no_ack=False, **kwargs):
-        self.connection.flush_acks()
         self.store.touch_queues([queue])
         messages = self.fetch(queue, 1, no_ack=no_ack)
         if not messages:
@@ -332,13 +331,22 @@ class Channel(virtual.Channel):
         """Claim up to ``limit`` messages of ``queue`` as Kombu payloads, best first."""
         if no_ack is None:
             no_ack = queue in self._noack_queues
+        transport = self.connection
+        options = transport.options
+        consumer_id = transport.consumer_id()
+        # Buffered acks ride on the claim: one round trip and one commit for both.
+        acks = transport.take_acks()
         started = monotonic()
-        rows = self.store.claim(queue, limit, self.connection.consumer_id(),
-                                max_deliveries=self.connection.options.max_deliveries)
+        try:
+            rows = self.store.claim(queue, limit, consumer_id, max_deliveries=options.max_deliveries,
+                                    acks=acks, durable=options.durable_acks)
+        except BaseException:
+            transport.return_acks(acks)
+            raise
         claim_seconds = monotonic() - started
         if no_ack:
             # Nobody will ack: done with them as soon as they are handed over.
-            self.store.ack([row.token for row in rows])
+            self.store.ack([row.token for row in rows], durable=options.durable_acks)
         messages = []
         for row in rows:
             try:
@@ -627,20 +635,29 @@ class Transport(virtual.Transport):
         self._ack_timer = None
         self.flush_acks()
 
+    def take_acks(self) -> list[str]:
+        """Empty the ack buffer; the caller acks them (or hands them back on failure)."""
+        with self._ack_lock:
+            tags, self._acks = self._acks, []
+        return tags
+
+    def return_acks(self, tags: list[str]) -> None:
+        if tags:
+            with self._ack_lock:
+                self._acks[:0] = tags
+
     def flush_acks(self) -> None:
+        """Ack what is buffered now, without claiming (claims carry acks themselves)."""
         work = self._work
         if work is None or not self._acks:
             return  # without a session its locks are gone: recovery redelivers
-        with self._ack_lock:
-            tags, self._acks = self._acks, []
-        if tags:
-            try:
-                # A freed serial key may let this very consumer take the key's next message.
-                self._pending.update(work.ack(tags))
-            except BaseException:
-                with self._ack_lock:
-                    self._acks[:0] = tags
-                raise
+        tags = self.take_acks()
+        try:
+            # A freed serial key may let this very consumer take the key's next message.
+            self._pending.update(work.ack(tags, durable=self.options.durable_acks))
+        except BaseException:
+            self.return_acks(tags)
+            raise
 
     def wake(self) -> None:
         """Prefetch capacity was freed (possibly from another thread): fetch again."""
@@ -670,7 +687,6 @@ class Transport(virtual.Transport):
     def _fetch_pending(self) -> None:
         """Deliver from queues with possible work, within each channel's prefetch."""
         pending = self._pending
-        acks_flushed = False
         for channel in list(self.channels):
             if not channel._consumers:
                 continue
@@ -680,11 +696,6 @@ class Transport(virtual.Transport):
                 limit = channel.qos.claim_limit()
                 if not limit:
                     break  # full: stays pending until an ack frees capacity
-                if not acks_flushed:
-                    # Acks go with a claim (not on every loop tick while a queue is pending
-                    # but the prefetch window is full): one commit less per batch.
-                    self.flush_acks()
-                    acks_flushed = True
                 if channel.deliver_batch(queue, self._deliver) < limit:
                     pending.discard(queue)
         # Queues nobody here consumes any more need no fetch.
@@ -697,7 +708,6 @@ class Transport(virtual.Transport):
         deadline = None if timeout is None else monotonic() + timeout
         self._loop_thread = threading.get_ident()
         while True:
-            self.flush_acks()
             self._maybe_maintain()
             if self._next_due is not None and monotonic() >= self._next_due:
                 self.promote_due()
@@ -706,6 +716,8 @@ class Transport(virtual.Transport):
                 return
             except Empty:
                 pass
+            # No claim took the buffered acks with it: send them before waiting.
+            self.flush_acks()
             remaining = None if deadline is None else deadline - monotonic()
             if remaining is not None and remaining <= 0:
                 raise socket.timeout()

@@ -90,6 +90,35 @@ def test_requeue_is_in_place_and_late_ack_is_fenced(store):
     assert store.size("q") == 0 and store.claim("q", 1, cid) == []
 
 
+def test_a_claim_acks_first_so_a_freed_key_is_claimed_in_the_same_statement(store):
+    cid = store.register_consumer()
+    store.publish("q", "k1", serial_key="k")
+    store.publish("q", "k2", serial_key="k")
+    [first] = store.claim("q", 5, cid)
+    assert first.payload == "k1"  # k2 waits: its key is in flight
+    [second] = store.claim("q", 5, cid, acks=[first.token])
+    assert second.payload == "k2"
+    assert store.conn.execute(
+        sql.SQL("SELECT payload FROM {}.messages").format(sql.Identifier(store.schema))
+    ).fetchall() == [("k2",)]
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_claims_and_acks_wait_for_the_wal_flush_only_when_durable(store, durable):
+    cid = store.register_consumer()
+    store.publish("q", "m")
+    expected = "on" if durable else "off"
+    with store.conn.transaction():
+        [claimed] = store.claim("q", 1, cid, durable=durable)
+        assert store.conn.execute("SHOW synchronous_commit").fetchone()[0] == expected
+    with store.conn.transaction():
+        store.ack([claimed.token], durable=durable)
+        assert store.conn.execute("SHOW synchronous_commit").fetchone()[0] == expected
+    # Local to the claim's or ack's transaction: a publish after them commits durably.
+    assert store.conn.execute("SHOW synchronous_commit").fetchone()[0] == "on"
+    assert store.size("q") == 0
+
+
 def test_purge_removes_ready_messages_only(store):
     cid = store.register_consumer()
     for i in range(4):

@@ -104,20 +104,17 @@ SELECT queue, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, coalesce(%(notify
 FROM inserted
 
 -- name: claim
--- Lock up to `limit` ready messages of one queue for this consumer (see the claim
--- function in migration 0004 for the serial-key protocol).
-SELECT * FROM {schema}.claim(%(queue)s, %(limit)s, %(consumer)s,
-                             coalesce(%(max_deliveries)s, 2147483647), hashtext(%(namespace)s))
+-- Ack the given lock tokens (often none), then lock up to `limit` ready messages of one
+-- queue for this consumer: one round trip and one commit per batch (see migrations 0004
+-- and 0006 for the serial-key protocol and when the commit waits for the WAL flush).
+SELECT * FROM {schema}.ack_and_claim(%(acks)s::uuid[], %(channel)s, %(durable)s,
+                                     %(queue)s, %(limit)s, %(consumer)s,
+                                     coalesce(%(max_deliveries)s, 2147483647), hashtext(%(namespace)s))
 
 -- name: ack
--- Delete by lock token; acking a keyed message frees its key, so wake that queue's
--- consumers for the key's next message.
-WITH gone AS (
-    DELETE FROM {schema}.messages WHERE lock_token = ANY(%(tokens)s::uuid[])
-    RETURNING queue, serial_key
-)
-SELECT queue, pg_notify(%(channel)s, queue)
-FROM (SELECT DISTINCT queue FROM gone WHERE serial_key IS NOT NULL) q
+-- Delete by lock token; acking a keyed message frees its key, so that queue's consumers
+-- are woken for the key's next message (migration 0006).
+SELECT queue FROM {schema}.ack(%(tokens)s::uuid[], %(channel)s, %(durable)s) AS queue
 
 -- name: requeue
 -- Unlock in place (never a copy): the message keeps its id, so its position.

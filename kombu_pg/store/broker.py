@@ -260,28 +260,43 @@ class BrokerStore:
         value = self._scalar("next_due")
         return None if value is None else float(value)
 
-    def claim(self, queue: str, limit: int, consumer_id: int, *, max_deliveries: int | None = None) -> list[Claimed]:
+    def claim(
+        self,
+        queue: str,
+        limit: int,
+        consumer_id: int,
+        *,
+        max_deliveries: int | None = None,
+        acks: Sequence[str] = (),
+        durable: bool = True,
+    ) -> list[Claimed]:
         """Lock up to ``limit`` ready messages, returned best first (priority, then age).
 
         At most one message per serial key is in flight across all consumers; messages
-        already delivered ``max_deliveries`` times are skipped (poison).
+        already delivered ``max_deliveries`` times are skipped (poison).  ``acks`` are
+        acked first, in the same statement and commit (see :meth:`ack`); with
+        ``durable=False`` that commit does not wait for the WAL flush: a server crash
+        can undo it, which only redelivers the messages (at-least-once).
         """
         rows = self._exec(
             "claim",
             dict(queue=queue, limit=limit, consumer=consumer_id, max_deliveries=max_deliveries,
-                 namespace=self._serial_namespace),
+                 namespace=self._serial_namespace, acks=list(acks), channel=self.channel,
+                 durable=durable),
         ).fetchall()
         return _in_claim_order(rows)
 
-    def ack(self, tokens: Iterable[str]) -> list[str]:
+    def ack(self, tokens: Iterable[str], *, durable: bool = True) -> list[str]:
         """Delete delivered messages; a token that no longer matches is a no-op (fencing).
 
         Returns the queues where a serial key was freed (their consumers were notified).
+        ``durable`` as in :meth:`claim`.
         """
         tokens = list(tokens)
         if not tokens:
             return []
-        return [r[0] for r in self._exec("ack", {"tokens": tokens, "channel": self.channel})]
+        return [r[0] for r in self._exec("ack", {"tokens": tokens, "channel": self.channel,
+                                                 "durable": durable})]
 
     def requeue(self, tokens: Iterable[str]) -> list[str]:
         """Unlock delivered messages in place and wake consumers; return the queues."""

@@ -283,6 +283,7 @@ option_values = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), fini
 @given(st.dictionaries(
     st.one_of(st.sampled_from(["schema", "auto_migrate", "polling_interval", "claim_batch_max", "recovery_interval",
                                "visibility_timeout", "max_deliveries", "notify_debounce", "connect_kwargs",
+                               "durable_acks", "dead_letter_rejected", "native_delayed_delivery",
                                "max_retries", "interval_start"]), st.text(max_size=8)),
     option_values, max_size=4))
 def test_options_are_accepted_or_refused_with_configuration_error(raw):
@@ -292,6 +293,8 @@ def test_options_are_accepted_or_refused_with_configuration_error(raw):
         assert str(exc)
         return
     assert options.recovery_interval > 0 and options.polling_interval > 0
+    assert all(isinstance(v, bool) for v in (options.durable_acks, options.dead_letter_rejected,
+                                              options.native_delayed_delivery, options.auto_migrate))
 
 
 @pytest.mark.chaos  # pg_terminate_backend

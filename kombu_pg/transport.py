@@ -16,6 +16,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from queue import Empty
@@ -484,6 +485,10 @@ class Transport(virtual.Transport):
         self._wake_fds: tuple[int, int] | None = None
         self._acks: list[str] = []
         self._ack_lock = threading.Lock()
+        # Event-loop mode claims on a thread of its own, so the loop (Celery's prefork
+        # main process) keeps feeding the pool while PostgreSQL works: one at a time.
+        self._claimer: ThreadPoolExecutor | None = None
+        self._claim: _PendingClaim | None = None
         # The thread running drain_events or the event loop; acks from others wake it.
         self._loop_thread: int | None = None
         self.debouncer = NotifyDebouncer(self.options.notify_debounce, self._trailing_notify)
@@ -586,6 +591,10 @@ class Transport(virtual.Transport):
 
     def _release(self) -> None:
         wake_fds, self._wake_fds = self._wake_fds, None
+        claimer, self._claimer = self._claimer, None
+        if claimer is not None and os.getpid() == self._pid:
+            self._abandon_claim()
+            claimer.shutdown(wait=True)
         if os.getpid() != self._pid:
             # A forked child must not end the parent's sessions: drop them, never close.
             self._work = self._listener = self._maintenance = self._consumer_id = None
@@ -685,7 +694,13 @@ class Transport(virtual.Transport):
         return {q for channel in self.channels for q in channel._active_queues}
 
     def _fetch_pending(self) -> None:
-        """Deliver from queues with possible work, within each channel's prefetch."""
+        """Start a claim for the first queue with possible work and prefetch headroom.
+
+        Event-loop mode only.  The claim runs on the claimer thread; its completion wakes
+        the loop (:meth:`_finish_claim`), which delivers and starts the next one.
+        """
+        if self._claim is not None or self._hub is None:
+            return
         pending = self._pending
         for channel in list(self.channels):
             if not channel._consumers:
@@ -696,10 +711,50 @@ class Transport(virtual.Transport):
                 limit = channel.qos.claim_limit()
                 if not limit:
                     break  # full: stays pending until an ack frees capacity
-                if channel.deliver_batch(queue, self._deliver) < limit:
-                    pending.discard(queue)
+                if self._claimer is None:
+                    self._claimer = ThreadPoolExecutor(1, thread_name_prefix="kombu-pg-claim")
+                future = self._claimer.submit(channel.fetch, queue, limit)
+                self._claim = _PendingClaim(channel, queue, limit, future)
+                # (Not after close: the wake pipe is gone and must not be made again.)
+                future.add_done_callback(lambda _: self._wake_fds is not None and self._poke())
+                return
         # Queues nobody here consumes any more need no fetch.
         pending.intersection_update(self._active_queues())
+
+    def _finish_claim(self) -> None:
+        """Deliver a finished claim (loop thread); its errors surface here, in the loop."""
+        claim = self._claim
+        if claim is None or not claim.future.done():
+            return
+        self._claim = None
+        messages = claim.future.result()
+        if claim.channel not in self.channels:
+            self._hand_back(messages)  # closed meanwhile: nobody can ack these
+            return
+        if len(messages) < claim.limit:
+            self._pending.discard(claim.queue)
+        for message in messages:
+            self._deliver(message, claim.queue)
+
+    def _abandon_claim(self) -> None:
+        """Leaving the event loop: wait for a claim in flight and hand its messages back."""
+        claim, self._claim = self._claim, None
+        if claim is None:
+            return
+        try:
+            messages = claim.future.result()
+        except Exception:
+            return  # nothing was claimed, or the session is gone and recovery frees it
+        self._hand_back(messages)
+
+    def _hand_back(self, messages: list[dict]) -> None:
+        work = self._work
+        if work is None or not messages:
+            return
+        try:
+            work.requeue([m["properties"]["delivery_tag"] for m in messages])
+        except psycopg.Error:
+            pass  # recovery frees them once this session ends
 
     # -- synchronous path ---------------------------------------------------------------
 
@@ -805,6 +860,7 @@ class Transport(virtual.Transport):
         hub, self._hub = self._hub, None
         if hub is None:
             return
+        self._abandon_claim()
         listener = self._listener
         if listener is not None and not listener.conn.closed:
             hub.remove(listener.fileno())
@@ -822,6 +878,7 @@ class Transport(virtual.Transport):
 
     def _on_wake(self) -> None:
         self._drain_wake_pipe()
+        self._finish_claim()
         self._fetch_pending()
         self._schedule_ack_flush()
 
@@ -837,6 +894,14 @@ class Transport(virtual.Transport):
         self._fetch_pending()
 
 
+
+
+@dataclass(frozen=True)
+class _PendingClaim:
+    channel: Channel
+    queue: str
+    limit: int
+    future: Future
 
 
 @dataclass(frozen=True)
@@ -903,3 +968,5 @@ def _after_fork(transport: Transport) -> None:
     transport._work = transport._listener = transport._consumer_id = None
     transport._maintenance = transport._wake_fds = transport._hub = transport._ack_timer = None
     transport._timers = []
+    # The claimer thread stayed in the parent.
+    transport._claimer = transport._claim = None

@@ -330,3 +330,49 @@ def test_a_multi_host_url_fails_over_to_the_next_host(pg_url, schema):
     url = f"postgresql://{user}@127.0.0.1:1,{parts.hostname}:{parts.port or 5432}{parts.path}?connect_timeout=3"
     with Connection(url, transport_options={"schema": schema}) as c:
         assert c.default_channel.store.conn.info.port == (parts.port or 5432)
+
+
+def test_in_an_event_loop_claims_run_on_a_thread_and_messages_arrive_in_the_loop(pg_url, schema):
+    from kombu.asynchronous import Hub
+
+    with Connection(pg_url, transport_options={"schema": schema}) as c:
+        producer = Producer(c.default_channel)
+        for n in range(30):
+            producer.publish(n, routing_key="hub", declare=[Queue("hub")])
+        got, delivering_threads = [], set()
+
+        def on_message(body, message):
+            got.append(body)
+            delivering_threads.add(threading.get_ident())
+            message.ack()
+
+        hub = Hub()
+        with Consumer(c, [Queue("hub")], callbacks=[on_message], prefetch_count=8):
+            c.transport.register_with_event_loop(c.connection, hub)
+            loop = hub.create_loop()
+            deadline = time.monotonic() + 20
+            while len(got) < 30:
+                assert time.monotonic() < deadline, f"got {len(got)} of 30"
+                next(loop)
+            c.transport.unregister_from_event_loop()
+        assert sorted(got) == list(range(30))
+        assert delivering_threads == {threading.get_ident()}  # never the claimer thread
+
+
+def test_a_claim_still_in_flight_when_the_event_loop_stops_is_handed_back(pg_url, schema, pg_conn):
+    from kombu.asynchronous import Hub
+
+    with Connection(pg_url, transport_options={"schema": schema}) as c:
+        producer = Producer(c.default_channel)
+        for n in range(3):
+            producer.publish(n, routing_key="inflight", declare=[Queue("inflight")])
+        with Consumer(c, [Queue("inflight")], callbacks=[lambda body, message: None], prefetch_count=8):
+            c.transport.register_with_event_loop(c.connection, Hub())
+            c.transport._fetch_pending()  # the claim starts; the loop never runs to deliver it
+            claim = c.transport._claim
+            assert claim is not None
+            c.transport.unregister_from_event_loop()
+            assert len(claim.future.result(timeout=10)) == 3  # it did claim all three
+            # Still connected and consuming, yet nothing is left locked by this consumer.
+            assert table_count(pg_conn, schema, "messages", "lock_token IS NOT NULL") == 0
+            assert table_count(pg_conn, schema, "messages") == 3

@@ -395,7 +395,7 @@ class Churn:
         count, manual, after = row
         return {
             "autovacuums_since_release": count - self.events["autovacuum_count_at_release"],
-            "manual_vacuums": manual,
+            "manual_vacuums_since_release": manual - self.events["vacuum_count_at_release"],
             "last_autovacuum_after_release_s": None if after is None or after < 0 else round(float(after), 1),
         }
 
@@ -501,16 +501,20 @@ class Churn:
                 f"per {RECOVERY_SAMPLE_SECONDS:g} s window")
             out["recovery: claim latency back after"] = _secs(e.get("latency_recovered_after_s"))
             out["recovery: dead tuples back after"] = _secs(e.get("dead_recovered_after_s"))
-            out["recovery: reclaimed by"] = _reclaimer(vac)
+            out["recovery: reclaimed by"] = _reclaimer(vac, e.get("dead_recovered_after_s"))
         return out
 
 
-def _reclaimer(vac: dict[str, Any]) -> str:
+def _reclaimer(vac: dict[str, Any], dead_recovered_after: float | None) -> str:
     if vac.get("autovacuums_since_release"):
         after = vac.get("last_autovacuum_after_release_s")
         return (f"autovacuum ({vac['autovacuums_since_release']} run(s) after the release; "
                 f"the last finished {after} s after it)")
-    return "no autovacuum ran after the release: only pruning and index hints"
+    if vac.get("manual_vacuums_since_release"):
+        return "a manual VACUUM (no autovacuum ran after the release)"
+    # Claims may still be fast again (index entries get marked dead once the horizon
+    # moves), but the dead row versions stay until a vacuum.
+    return "nothing: no vacuum ran within the recovery window, the dead tuples are still there"
 
 
 def _secs(value: float | None) -> str:
@@ -557,6 +561,9 @@ class HeldSnapshot:
         self.events["snapshot_released_at"] = round(self.now(), 1)
         self.events["snapshot_released_server"] = self.conn.execute("SELECT now()").fetchone()[0]
         self.events["autovacuum_count_at_release"] = self._stats()[1]
+        self.events["vacuum_count_at_release"] = self.conn.execute(
+            "SELECT vacuum_count FROM pg_stat_user_tables WHERE schemaname = %s AND relname = 'messages'",
+            (self.schema,)).fetchone()[0]
         self.conn.close()
         progress("snapshot released")
 

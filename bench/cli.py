@@ -21,6 +21,10 @@ from . import brokers as brokers_mod
 from . import kombu_level  # noqa: F401  isort: skip
 from . import celery_level  # noqa: F401  isort: skip
 from . import kombu_pg_features  # noqa: F401  isort: skip
+from . import scaling  # noqa: F401  isort: skip
+from . import depth  # noqa: F401  isort: skip
+from . import notify  # noqa: F401  isort: skip
+from . import worker_rss  # noqa: F401  isort: skip
 from .brokers import Broker
 from .pg import create_scratch
 from .probe import Probe

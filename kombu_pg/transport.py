@@ -642,6 +642,11 @@ class Transport(virtual.Transport):
 
     def _flush_acks_on_timer(self) -> None:
         self._ack_timer = None
+        if self._claim is not None:
+            # A claim is in flight on the work connection: flushing now would block the
+            # loop until it returns, and the next claim may well carry these acks anyway.
+            self._schedule_ack_flush()
+            return
         self.flush_acks()
 
     def take_acks(self) -> list[str]:

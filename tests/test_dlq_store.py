@@ -99,7 +99,7 @@ def test_reap_is_atomic_when_the_session_dies_mid_statement(pg_url, pg_conn, mig
     victim.execute("BEGIN")
     moved = DLQStore(victim, migrated).reap_batch(2)
     assert len(moved) == 1  # moved inside the open transaction...
-    pg_conn.execute("SELECT pg_terminate_backend(%s)", (victim.info.backend_pid,))
+    pg_conn.execute("SELECT pg_terminate_backend(%s, 5000)", (victim.info.backend_pid,))
     with pytest.raises(psycopg.OperationalError):
         victim.execute("COMMIT")
     victim.close()

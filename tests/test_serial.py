@@ -47,7 +47,7 @@ def test_key_is_freed_by_ack_requeue_and_recovery(pg_url, store):
         dead_id = dead.register_consumer()
         store.requeue([again.token])
         [held] = dead.claim("q", 5, dead_id)
-        store.conn.execute("SELECT pg_terminate_backend(%s)", (other.info.backend_pid,))
+        store.conn.execute("SELECT pg_terminate_backend(%s, 5000)", (other.info.backend_pid,))
     finally:
         other.close()
     assert store.claim("q", 5, cid) == []  # a dead holder still holds until recovered...

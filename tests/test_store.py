@@ -180,7 +180,7 @@ def test_recovery_frees_a_terminated_consumers_messages(pg_url, store):
     [held] = victim.claim("q", 1, victim_id)
     # A live consumer keeps its messages, however old.
     assert store.recover([]).released == {}
-    store.conn.execute("SELECT pg_terminate_backend(%s)", (victim_conn.info.backend_pid,))
+    store.conn.execute("SELECT pg_terminate_backend(%s, 5000)", (victim_conn.info.backend_pid,))
     with pytest.raises(psycopg.OperationalError):
         victim_conn.execute("SELECT 1")
     report = store.recover([])

@@ -51,3 +51,25 @@ def test_claim_uses_the_ready_indexes_without_sorting(deep_store):
 def test_claim_with_max_deliveries_still_uses_the_indexes(deep_store):
     plans = claim_plans(deep_store, max_deliveries=5)
     assert "Seq Scan on messages" not in plans and "Sort" not in plans
+
+
+@pytest.fixture
+def shallow_store(store):
+    # A busy queue consumers keep near empty: analyzed while small, then 100k messages
+    # came and went before the next vacuum.  The claim's UPDATE once hash-joined its
+    # candidates to a sequential scan of all those dead rows.
+    table = sql.SQL("{}.messages").format(sql.Identifier(store.schema))
+    store.conn.execute(sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = false)").format(table))
+    insert = "INSERT INTO {} (queue, priority, payload) SELECT %s, 0, 'x' FROM generate_series(1, %s)"
+    store.conn.execute(sql.SQL(insert).format(table), ("deep", 1000))
+    store.conn.execute(sql.SQL("ANALYZE {}").format(table))
+    store.conn.execute(sql.SQL(insert).format(table), ("gone", 100_000))
+    store.conn.execute(sql.SQL("DELETE FROM {} WHERE queue = 'gone'").format(table))
+    return store
+
+
+def test_a_shallow_queue_full_of_dead_rows_is_claimed_by_primary_key(shallow_store):
+    update = claim_plans(shallow_store).split("Update on messages", 1)[1].splitlines()
+    # The node that finds the rows to update is the Update's own child: "  ->  ...".
+    [finds_rows] = [line for line in update if line.startswith("  ->  ")]
+    assert "Index Scan using messages_pkey" in finds_rows

@@ -586,7 +586,14 @@ class Transport(virtual.Transport):
         try:
             super().close_connection(connection)
         finally:
-            self.debouncer.cancel()
+            # A producer closing within notify_debounce of its last publish still owes
+            # that NOTIFY; dropped, its consumers would wait for their safety poll.
+            owed = self.debouncer.cancel()
+            if owed and os.getpid() == self._pid:
+                try:
+                    self._trailing_notify(owed)
+                except psycopg.Error:
+                    pass  # the consumers' safety poll finds the messages
             self._release()
 
     def _release(self) -> None:

@@ -376,3 +376,23 @@ def test_a_claim_still_in_flight_when_the_event_loop_stops_is_handed_back(pg_url
             # Still connected and consuming, yet nothing is left locked by this consumer.
             assert table_count(pg_conn, schema, "messages", "lock_token IS NOT NULL") == 0
             assert table_count(pg_conn, schema, "messages") == 3
+
+
+def test_a_producer_that_closes_inside_the_debounce_window_still_wakes_consumers(pg_url, schema):
+    """The second publish's NOTIFY is owed (debounced) when the producer closes: it goes then."""
+    idle = {"schema": schema, "polling_interval": 30.0, "recovery_interval": 30.0}  # no timed wake-ups
+    with Connection(pg_url, transport_options=idle) as consumer:
+        producer = Connection(pg_url, transport_options={"schema": schema, "notify_debounce": 60.0})
+        Producer(producer).publish("first", routing_key="owed", declare=[Queue("owed")])
+        assert drain(consumer, 1, Queue("owed")) == ["first"]
+        with Consumer(consumer, [Queue("owed")], callbacks=[lambda body, message: message.ack()]):
+
+            def publish_and_close():
+                Producer(producer).publish("second", routing_key="owed")  # inside the 60 s window
+                producer.release()
+
+            # While the consumer waits: without the NOTIFY on close, only its 30 s poll finds it.
+            threading.Timer(0.2, publish_and_close).start()
+            started = time.monotonic()
+            consumer.drain_events(timeout=40)
+            assert time.monotonic() - started < 15  # a NOTIFY, not the 30 s poll

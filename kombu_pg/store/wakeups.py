@@ -95,8 +95,11 @@ class NotifyDebouncer:
             except Exception:  # the consumers' safety poll still finds the messages
                 logger.warning("kombu-pg: trailing NOTIFY for %s failed", sorted(owed), exc_info=True)
 
-    def cancel(self) -> None:
+    def cancel(self) -> set[str]:
+        """Stop the timer; return the queues still owed a NOTIFY (the caller sends them)."""
         with self._lock:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+            owed, self._owed = self._owed, set()
+        return owed

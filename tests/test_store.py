@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import psycopg
 import pytest
@@ -240,3 +241,18 @@ def test_x_max_priority_caps_priorities(store):
     store.publish("other", "x", priority=9)
     assert [c.payload for c in store.claim("capped", 5, cid)] == ["first", "second"]
     assert [c.priority for c in store.claim("other", 5, cid)] == [9]
+
+
+def test_an_owed_notify_rides_the_next_publish_and_the_timer_sends_only_what_stays_owed():
+    from kombu_pg.store.wakeups import NotifyDebouncer
+
+    sent: list[set[str]] = []
+    trailing = threading.Event()
+    debouncer = NotifyDebouncer(1.0, lambda queues: (sent.append(set(queues)), trailing.set()))
+    assert debouncer.should_notify("q")          # the first publish notifies at once
+    assert not debouncer.should_notify("q")      # inside the window: owed
+    time.sleep(1.05)  # the window passing is what is tested; the timer is due at 2 s
+    assert debouncer.should_notify("q")          # the next publish carries the owed NOTIFY
+    assert not debouncer.should_notify("q")      # owed again, and the stream stops here
+    assert trailing.wait(5)
+    assert sent == [{"q"}]                       # one trailing NOTIFY, not one per window

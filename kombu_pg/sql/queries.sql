@@ -143,7 +143,11 @@ SELECT count(*) FROM {schema}.messages
 WHERE queue = %(queue)s AND lock_token IS NULL AND (expires_at IS NULL OR expires_at > now())
 
 -- name: notify
-SELECT pg_notify(%(channel)s, q) FROM unnest(%(queues)s::text[]) AS q
+-- A NOTIFY on its own protects no data, so its commit does not wait for the WAL flush:
+-- PostgreSQL holds a cluster-wide lock from a notifying commit's start to its end, and
+-- producers' debounced NOTIFYs would otherwise queue behind each other's flushes.
+SELECT pg_notify(%(channel)s, q), set_config('synchronous_commit', 'off', true)
+FROM unnest(%(queues)s::text[]) AS q
 
 -- name: register_consumer
 -- The advisory lock is taken before the row exists, so no one can see the row unlocked.

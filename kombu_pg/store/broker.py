@@ -326,6 +326,8 @@ class BrokerStore:
         return int(self._scalar("size", {"queue": queue}))
 
     def notify(self, queues: Iterable[str]) -> None:
+        """Wake the queues' consumers now, in a transaction of its own (autocommit only:
+        its commit does not wait for the WAL flush)."""
         queues = sorted(set(queues))
         if queues:
             self._exec("notify", {"channel": self.channel, "queues": queues})

@@ -54,8 +54,9 @@ class NotifyDebouncer:
     """Limits NOTIFYs to one per queue per ``interval`` seconds for one producer.
 
     A NOTIFY takes a cluster-wide lock at commit, so one per message halves concurrent
-    publish throughput.  A suppressed NOTIFY is owed, and a timer sends it at the end of
-    the window (the trailing notify), so no wake-up is lost.
+    publish throughput.  A suppressed NOTIFY is owed.  In a steady stream the next
+    publish after the window carries it; a timer sends what is still owed one window
+    later (the trailing notify), so no wake-up is lost when the stream stops.
     """
 
     def __init__(self, interval: float, send: Callable[[set[str]], None]) -> None:
@@ -74,21 +75,28 @@ class NotifyDebouncer:
             last = self._last.get(queue)
             if last is None or now - last >= self.interval:
                 self._last[queue] = now
+                self._owed.discard(queue)
                 return True
             self._owed.add(queue)
             if self._timer is None:
-                self._timer = threading.Timer(self.interval - (now - last), self._flush)
+                self._timer = threading.Timer(2 * self.interval - (now - last), self._flush)
                 self._timer.daemon = True
                 self._timer.start()
             return False
 
     def _flush(self) -> None:
         with self._lock:
-            owed, self._owed = self._owed, set()
             self._timer = None
             now = time.monotonic()
+            # Owed queues whose window a later publish did not already close with a NOTIFY.
+            owed = {q for q in self._owed if now - self._last[q] >= self.interval}
+            self._owed -= owed
             for queue in owed:
                 self._last[queue] = now
+            if self._owed and self._timer is None:  # owed, but their window is still open
+                self._timer = threading.Timer(self.interval, self._flush)
+                self._timer.daemon = True
+                self._timer.start()
         if owed:
             try:
                 self._send(owed)

@@ -89,13 +89,18 @@ def celery_prefork(ctx: Context, broker: Broker) -> Measured:
     return run_celery(ctx, broker, PREFORK, with_latency=False)
 
 
-def run_celery(ctx: Context, broker: Broker, pool: Pool, *, with_latency: bool) -> Measured:
+def celery_setup(ctx: Context, broker: Broker, pool: Pool, kind: str) -> tuple[str, AppConfig, Celery]:
+    """The run's own queue for this scenario, and the app config and app bound to it."""
     assert broker.backend is not None
-    queue = ctx.name("celery", broker.key, pool.name)
+    queue = ctx.name(kind, broker.key, pool.name)
     cfg = AppConfig(
         broker.url, broker.backend, queue, dict(broker.transport_options), PREFETCH_MULTIPLIER
     )
-    app = make_app(cfg)
+    return queue, cfg, make_app(cfg)
+
+
+def run_celery(ctx: Context, broker: Broker, pool: Pool, *, with_latency: bool) -> Measured:
+    queue, cfg, app = celery_setup(ctx, broker, pool, "celery")
     out = Measured()
     try:
         out.values["publish"] = _publish(app, f"{queue}-drain", ctx.params.tasks)

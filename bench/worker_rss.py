@@ -22,15 +22,7 @@ import time
 from pathlib import Path
 
 from .brokers import Broker, delete_entities
-from .celery_app import AppConfig, make_app
-from .celery_level import (
-    PREFETCH_MULTIPLIER,
-    PREFORK,
-    THREADS,
-    _close,
-    _drain,
-    _publish,
-)
+from .celery_level import PREFORK, THREADS, _close, _drain, _publish, celery_setup
 from .scenarios import Context, Measured, Metric, scenario
 from .worker import Pool, Worker
 
@@ -66,26 +58,13 @@ def rss_prefork(ctx: Context, broker: Broker) -> Measured:
     return worker_memory(ctx, broker, PREFORK)
 
 
-class _Worker(Worker):
-    @property
-    def pid(self) -> int:
-        if self._proc is None:
-            raise RuntimeError("the worker is not running")
-        return self._proc.pid
-
-
 def worker_memory(ctx: Context, broker: Broker, pool: Pool) -> Measured:
-    assert broker.backend is not None
-    queue = ctx.name("rss", broker.key, pool.name)
-    cfg = AppConfig(
-        broker.url, broker.backend, queue, dict(broker.transport_options), PREFETCH_MULTIPLIER
-    )
-    app = make_app(cfg)
+    queue, cfg, app = celery_setup(ctx, broker, pool, "rss")
     out = Measured()
     phase = f"{queue}-drain"
     try:
         _publish(app, phase, ctx.params.tasks)
-        with _Worker(cfg, pool, f"{queue}-worker", ctx.probe.address, ctx.log_dir) as worker:
+        with Worker(cfg, pool, f"{queue}-worker", ctx.probe.address, ctx.log_dir) as worker:
             if ctx.probe.ready(worker.token, 90.0, worker.alive) is not None:
                 ready = tree_memory(worker.pid)
                 out.notes.append(

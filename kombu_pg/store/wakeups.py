@@ -79,10 +79,14 @@ class NotifyDebouncer:
                 return True
             self._owed.add(queue)
             if self._timer is None:
-                self._timer = threading.Timer(2 * self.interval - (now - last), self._flush)
-                self._timer.daemon = True
-                self._timer.start()
+                self._start_timer(2 * self.interval - (now - last))
             return False
+
+    def _start_timer(self, delay: float) -> None:
+        # Caller holds the lock.
+        self._timer = threading.Timer(delay, self._flush)
+        self._timer.daemon = True
+        self._timer.start()
 
     def _flush(self) -> None:
         with self._lock:
@@ -93,10 +97,8 @@ class NotifyDebouncer:
             self._owed -= owed
             for queue in owed:
                 self._last[queue] = now
-            if self._owed and self._timer is None:  # owed, but their window is still open
-                self._timer = threading.Timer(self.interval, self._flush)
-                self._timer.daemon = True
-                self._timer.start()
+            if self._owed:  # owed, but their window is still open
+                self._start_timer(self.interval)
         if owed:
             try:
                 self._send(owed)

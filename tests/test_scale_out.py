@@ -13,12 +13,8 @@ computed from the settings.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator, Mapping
 
@@ -31,7 +27,7 @@ from kombu_pg.store import BrokerStore, apply_migrations
 
 from .chaos_util import messages
 from .netns import Host, Namespaces, unavailable
-from .worker import TESTS_DIR, CeleryWorker, wait_until
+from .worker import CeleryWorker, wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
@@ -81,19 +77,9 @@ class NamespacedWorker(CeleryWorker):
 
     def __init__(self, host: Host, app: str, env: Mapping[str, str], *, hostname: str,
                  pool: str = "threads", concurrency: int = 2) -> None:
-        cmd = host.command([sys.executable, "-m", "celery", "-A", app, "worker", "-l", "info",
-                            "-P", pool, "-c", str(concurrency), "--without-mingle", "--without-gossip",
-                            "-n", hostname])
-        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), full_env.get("PYTHONPATH")]))
         self.host = host
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        self._changed = threading.Condition()
-        self.proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, cwd=TESTS_DIR, start_new_session=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        super().__init__(app, env, pool=pool, concurrency=concurrency, hostname=hostname,
+                         wrap=host.command)
 
 
 @pytest.fixture(scope="module")

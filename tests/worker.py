@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -30,12 +30,14 @@ class CeleryWorker:
         concurrency: int = 2,
         args: Sequence[str] = (),
         hostname: str | None = None,
+        wrap: Callable[[list[str]], list[str]] = list,
     ) -> None:
+        """``wrap`` turns the command into the one to run (e.g. inside a network namespace)."""
         cmd = [sys.executable, "-m", "celery", "-A", app, "worker", "-l", "info",
                "-P", pool, "-c", str(concurrency), "--without-mingle", "--without-gossip"]
         if hostname:
             cmd += ["-n", hostname]
-        cmd += list(args)
+        cmd = wrap(cmd + list(args))
         full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), full_env.get("PYTHONPATH")]))
         self.lines: list[str] = []

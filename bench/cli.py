@@ -24,6 +24,7 @@ from . import kombu_pg_features  # noqa: F401  isort: skip
 from . import scaling  # noqa: F401  isort: skip
 from . import depth  # noqa: F401  isort: skip
 from . import notify  # noqa: F401  isort: skip
+from . import ceiling  # noqa: F401  isort: skip
 from . import worker_rss  # noqa: F401  isort: skip
 from .brokers import Broker
 from .pg import create_scratch

@@ -73,3 +73,11 @@ def add_to_own_chord(self, value):
     """A chord header task that adds one more task to its chord."""
     self.add_to_chord(add.si(value, value))
     return value
+
+
+@app.task
+def fan_out(n):
+    """Sends n children with kombu_pg.bulk.send_many (they must be recorded as children)."""
+    from kombu_pg.bulk import send_many
+
+    return [r.id for r in send_many(add.s(i, i) for i in range(n))]

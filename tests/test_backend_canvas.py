@@ -260,3 +260,10 @@ def test_revoked_task_is_stored_as_revoked(client):
     with pytest.raises(TaskRevokedError):
         res.get(timeout=TIMEOUT)
     assert res.state == states.REVOKED
+
+
+def test_tasks_sent_with_send_many_inside_a_task_are_its_children(client, worker):
+    res = s(client, "fan_out", 4).apply_async()
+    ids = res.get(timeout=TIMEOUT)
+    assert [child.id for child in res.children] == ids
+    assert [child.get(timeout=TIMEOUT) for child in res.children] == [0, 2, 4, 6]

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import time
+
+import psycopg
 import pytest
-from celery import Celery, group
+from celery import Celery, Task, group, signals
 from psycopg import sql
 
 from kombu_pg.bulk import batch, send_many
@@ -43,14 +47,58 @@ def test_an_exception_publishes_nothing(app, pg_conn, schema):
     assert len(rows(pg_conn, schema)) == 1
 
 
-def test_groups_job_keys_and_size_limit(app, pg_conn, schema):
+def test_a_batch_larger_than_max_size_is_still_all_or_nothing(app, pg_conn, schema):
     app.send_task("warm.up")
     with batch(app, max_size=10) as producer:
         group(app.signature("t", (i,)) for i in range(25)).apply_async(producer=producer)
-        assert len(rows(pg_conn, schema)) == 21  # two full chunks of 10 written already
         app.send_task("t", headers={"job_key": "once"}, producer=producer)
-        assert rows(pg_conn, schema, "job_key").count("once") == 1  # job keys go at once
-    assert len(rows(pg_conn, schema)) == 27
+        assert rows(pg_conn, schema, "job_key") == [None, "once"]  # job keys go at once
+        more = [app.send_task("t", (i,), producer=producer) for i in range(25, 40)]
+    assert rows(pg_conn, schema, "job_key").count("once") == 1
+    payloads = [json.loads(p) for p in rows(pg_conn, schema)[1:]]
+    in_order = [p["headers"]["argsrepr"] for p in payloads if not p["headers"].get("job_key")]
+    assert in_order == [f"({i},)" for i in range(40)]  # ids follow publish order across chunks
+    assert payloads[-1]["headers"]["id"] == more[-1].id
+
+    with pytest.raises(KeyError):
+        with batch(app, max_size=10) as producer:
+            for i in range(35):  # three chunks written by the time the block raises
+                app.send_task("t", (i,), producer=producer)
+            raise KeyError
+    assert len(rows(pg_conn, schema)) == 42
+
+
+def test_a_batch_whose_writer_session_dies_raises_and_publishes_nothing(app, pg_conn, schema):
+    app.send_task("warm.up")
+    with pytest.raises(psycopg.OperationalError):
+        with batch(app, max_size=10) as producer:
+            for i in range(10):  # one chunk: the writer's transaction is open
+                app.send_task("t", (i,), producer=producer)
+            writer = wait_for_writer(pg_conn, schema)
+            pg_conn.execute("SELECT pg_terminate_backend(%s, 5000)", (writer,))
+            for i in range(30):
+                app.send_task("t", (i,), producer=producer)
+    assert len(rows(pg_conn, schema)) == 1
+
+
+def wait_for_writer(pg_conn, schema) -> int:
+    """The pid of the session that has written this schema's first chunk, not committed."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = pg_conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE state = 'idle in transaction' AND query LIKE %s",
+            (f'%"{schema}".messages%',)).fetchall()
+        if found:
+            return found[0][0]
+        pg_conn.execute("SELECT pg_stat_clear_snapshot()")
+    raise AssertionError("the batch's writer never showed up in pg_stat_activity")
+
+
+def test_max_size_must_be_a_positive_integer(app):
+    for bad in (0, -1, 1.5, True, "10"):
+        with pytest.raises(ValueError, match="max_size"):
+            with batch(app, max_size=bad):
+                pass
 
 
 def test_one_notify_per_queue_and_due_times_announced(app, pg_url, schema):
@@ -72,3 +120,112 @@ def test_one_notify_per_queue_and_due_times_announced(app, pg_url, schema):
 
 def test_send_many_of_nothing():
     assert send_many([]) == []
+
+
+# -- send_many's templates -----------------------------------------------------------------
+
+
+class CountingTask(Task):
+    """Counts the messages Celery itself built: send_many's templates build the others."""
+
+    built = 0
+
+    def apply_async(self, *args, **kwargs):
+        CountingTask.built += 1
+        return super().apply_async(*args, **kwargs)
+
+
+@pytest.fixture
+def add(app):
+    CountingTask.built = 0
+
+    @app.task(name="tests.add", base=CountingTask, shared=False)
+    def add(x, y):
+        return x + y
+
+    return add
+
+
+def messages(pg_conn, schema) -> list[dict]:
+    return [json.loads(p) for p in rows(pg_conn, schema)]
+
+
+def without_ids(message: dict) -> dict:
+    """The message with what must differ per task (its id, its delivery tag) blanked."""
+    message = json.loads(json.dumps(message))
+    task_id = message["headers"]["id"]
+    for where, key in ((message["headers"], "id"), (message["headers"], "root_id"),
+                       (message["properties"], "correlation_id"), (message["properties"], "delivery_tag")):
+        if key in where:
+            assert key == "delivery_tag" or where[key] == task_id
+            where[key] = "ID"
+    return message
+
+
+SHAPES = [
+    lambda add, app: add.s(1, 2),
+    lambda add, app: add.s(3, y=4).set(queue="other", priority=5),
+    lambda add, app: add.si(5, 6).set(headers={"serial_key": "user-1"}, shadow="renamed"),
+    lambda add, app: add.s(7, 8).set(ignore_result=True, time_limit=30, soft_time_limit=20),
+    lambda add, app: app.signature("remote.task", ("it's", "tab\t", None, 1.5), {"k": "x" * 2000}),
+    lambda add, app: app.signature("remote.task", (list(range(300)),), headers={"job_key": "j1"}),
+]
+
+
+def test_send_many_sends_what_apply_async_sends(app, add, pg_conn, schema):
+    app.send_task("warm.up")
+    # Each shape published alone by Celery, then three times by send_many: the first of
+    # those is Celery's, the others are built from it.
+    for shape in SHAPES:
+        shape(add, app).apply_async()
+    expected = [without_ids(m) for m in messages(pg_conn, schema)[1:]]
+    pg_conn.execute(sql.SQL("DELETE FROM {}.messages").format(sql.Identifier(schema)))
+    registered = sum(1 for shape in SHAPES if shape(add, app).task == add.name)
+    CountingTask.built = 0
+
+    results = send_many(shape(add, app) for shape in SHAPES for _ in range(3))
+
+    assert CountingTask.built == registered  # once per shape: the rest came from templates
+    got = messages(pg_conn, schema)
+    job_keyed = [m for m in got if m["headers"].get("job_key")]
+    assert len(job_keyed) == 1  # a job key allows one waiting message: the last replaced the others
+    got = [m for m in got if not m["headers"].get("job_key")]
+    assert [without_ids(m) for m in got] == [e for e in expected[:-1] for _ in range(3)]
+    assert without_ids(job_keyed[0]) == expected[-1]
+    assert [m["headers"]["id"] for m in got] == [r.id for r in results[:-3]]
+    assert len({r.id for r in results}) == len(results)
+    assert [r.ignored for r in results] == [False] * 9 + [True] * 3 + [None] * 6  # as Celery sets it
+
+
+def test_send_many_builds_every_message_with_celery_when_a_publish_signal_listens(app, add, pg_conn, schema):
+    app.send_task("warm.up")
+    traced = []
+
+    def trace(headers=None, **kwargs):
+        headers["trace"] = len(traced)
+        traced.append(headers["id"])
+
+    signals.before_task_publish.connect(trace)
+    try:
+        results = send_many(add.s(i, i) for i in range(4))
+    finally:
+        signals.before_task_publish.disconnect(trace)
+    assert CountingTask.built == 4
+    assert [m["headers"]["trace"] for m in messages(pg_conn, schema)[1:]] == [0, 1, 2, 3]
+    assert traced == [r.id for r in results]
+
+
+def test_send_many_checks_arguments_of_every_task_and_publishes_nothing_on_error(app, add, pg_conn, schema):
+    app.send_task("warm.up")
+    with pytest.raises(TypeError):
+        send_many([add.s(1, 2), add.s(3, 4), add.s(5)])
+    assert CountingTask.built == 1  # the bad one was a templated one
+    assert len(rows(pg_conn, schema)) == 1
+
+
+def test_send_many_gives_each_delayed_task_its_own_eta(app, add, pg_conn, schema):
+    app.send_task("warm.up")
+    send_many([add.s(1, 2), add.s(3, 4)], countdown=60)
+    assert CountingTask.built == 2
+    etas = [m["headers"]["eta"] for m in messages(pg_conn, schema)[1:]]
+    assert all(etas) and len(etas) == 2

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -21,6 +20,7 @@ from kombu.serialization import dumps as kombu_dumps, loads as kombu_loads
 
 from kombu_pg.config import build_conninfo
 from kombu_pg.store import BrokerStore, apply_migrations, connect
+from kombu_pg.store.connect import ProcessConnection
 
 from . import config
 from .capture import (
@@ -33,11 +33,6 @@ logger = logging.getLogger("celery_dlq")
 
 REAP_TASK = "celery_dlq.reap"
 
-# Connections inherited through fork are kept referenced, never closed or collected:
-# closing (or GC) would end the parent's session on the shared socket.
-_inherited: list = []
-
-
 class DeadLetterQueue:
     """Per-app, per-process DLQ runtime."""
 
@@ -45,8 +40,7 @@ class DeadLetterQueue:
         self.app = app
         self._settings: config.Settings | None = None
         self._lock = threading.RLock()
-        self._conn: psycopg.Connection | None = None
-        self._pid = os.getpid()
+        self._connection = ProcessConnection(self._connect)
         self._migrated = False
         self._requests: OrderedDict[str, Any] = OrderedDict()
         # Deliveries already captured in this process: Celery can report one failure
@@ -75,23 +69,17 @@ class DeadLetterQueue:
 
     def store(self) -> DLQStore:
         with self._lock:
-            if self._pid != os.getpid():  # forked: the parent's connection is not ours
-                if self._conn is not None:
-                    _inherited.append(self._conn)
-                self._conn, self._pid = None, os.getpid()
-                self._requests, self._captured = OrderedDict(), OrderedDict()
-            if self._conn is None or self._conn.closed or self._conn.broken:
-                self._conn = self._connect()
-            return DLQStore(self._conn, self.settings.schema)
+            self._forget_parent()
+            return DLQStore(self._connection.get(), self.settings.schema)
+
+    def _forget_parent(self) -> None:
+        # In a forked child the parent's connection and in-flight bookkeeping are not ours.
+        if self._connection.release_inherited():
+            self._requests, self._captured = OrderedDict(), OrderedDict()
 
     def reset_connection(self) -> None:
         with self._lock:
-            conn, self._conn = self._conn, None
-            if conn is not None and self._pid == os.getpid():
-                try:
-                    conn.close()
-                except Exception:
-                    pass
+            self._connection.reset()
 
     def close(self) -> None:
         self.reset_connection()
@@ -240,11 +228,7 @@ class DeadLetterQueue:
 
     def on_worker_process_init(self, **kwargs) -> None:
         with self._lock:
-            if self._pid != os.getpid():
-                if self._conn is not None:
-                    _inherited.append(self._conn)
-                self._conn, self._pid = None, os.getpid()
-                self._requests, self._captured = OrderedDict(), OrderedDict()
+            self._forget_parent()
 
     # -- operations --------------------------------------------------------------------------
 

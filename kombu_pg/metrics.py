@@ -44,6 +44,7 @@ import psycopg
 from psycopg import sql
 
 from .store import BrokerStore, connect
+from .store.connect import ProcessConnection
 from .store.broker import SERIAL_KEY_HEADER
 
 try:  # prometheus_client is a dependency, but the transport must work without it
@@ -176,23 +177,13 @@ class _Session:
     def __init__(self, conninfo: str) -> None:
         self.conninfo = conninfo
         self.lock = threading.Lock()
-        self._conn: psycopg.Connection | None = None
-        self._pid = os.getpid()
+        self._connection = ProcessConnection(lambda: connect(conninfo))
 
     def conn(self) -> psycopg.Connection:
-        if self._pid != os.getpid():  # forked: the parent's connection is not ours
-            self._conn, self._pid = None, os.getpid()
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = connect(self.conninfo)
-        return self._conn
+        return self._connection.get()
 
     def reset(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None and self._pid == os.getpid():
-            try:
-                conn.close()
-            except Exception:
-                pass
+        self._connection.reset()
 
 
 def _scrape_ok(part: str, ok: bool):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Callable
+
 import psycopg
 
 
@@ -9,3 +12,45 @@ def connect(conninfo: str, **kwargs) -> psycopg.Connection:
     """An autocommit connection: each statement commits on its own, and nothing holds a
     transaction open across callbacks (LISTEN needs that too)."""
     return psycopg.connect(conninfo, autocommit=True, **kwargs)
+
+
+# Connections inherited through fork are kept referenced, never closed or collected:
+# closing (or GC) would end the parent's session on the shared socket.
+_inherited: list[psycopg.Connection] = []
+
+
+class ProcessConnection:
+    """One lazily opened connection per process, reopened when closed or broken.
+
+    After a fork the child opens its own; the parent's is left alone (see ``_inherited``).
+    Not thread-safe: callers that share it serialise their use.
+    """
+
+    def __init__(self, opener: Callable[[], psycopg.Connection]) -> None:
+        self._open = opener
+        self._conn: psycopg.Connection | None = None
+        self._pid = os.getpid()
+
+    def release_inherited(self) -> bool:
+        """In a forked child, let go of the parent's connection; whether this was one."""
+        if self._pid == os.getpid():
+            return False
+        if self._conn is not None:
+            _inherited.append(self._conn)
+        self._conn, self._pid = None, os.getpid()
+        return True
+
+    def get(self) -> psycopg.Connection:
+        self.release_inherited()
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = self._open()
+        return self._conn
+
+    def reset(self) -> None:
+        """Close this process's connection (the next :meth:`get` opens a new one)."""
+        conn, self._conn = self._conn, None
+        if conn is not None and self._pid == os.getpid():
+            try:
+                conn.close()
+            except Exception:
+                pass  # closing a broken connection can fail; it is dropped all the same

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from queue import Empty
 from time import monotonic
-from typing import Any
+from typing import Any, Sequence
 
 import psycopg
 from kombu.transport import virtual
@@ -35,7 +35,7 @@ from .config import Options, build_conninfo, redact
 from .store import JOB_KEY_MODES, BrokerStore, Claimed, JobPublish, apply_migrations, check_version, connect
 from .store.broker import DUE_PREFIX, JOB_KEY_HEADER, JOB_KEY_MODE_HEADER, SERIAL_KEY_HEADER
 from .store.routing import check_queue_name, topic_pattern
-from .store.wakeups import Listener, NotifyDebouncer
+from .store.wakeups import Listener, NotifyDebouncer, RouteKey
 
 logger = logging.getLogger(__name__)
 
@@ -227,8 +227,7 @@ class Channel(virtual.Channel):
     def basic_publish(self, message, exchange, routing_key, **kwargs):
         """Route, insert and notify in one statement; durable on return.
 
-        NOTIFYs for the default exchange (Celery's task path) are debounced per queue;
-        routed publishes (events, pidbox, broadcasts) always notify.
+        NOTIFYs are debounced per route (exchange, routing key), see :class:`NotifyDebouncer`.
         """
         if self.connection is None:
             # Closed under us (a reconnect inside a retried declare): a connection error
@@ -246,11 +245,14 @@ class Channel(virtual.Channel):
         if row.job_key is not None:
             raise ValueError("job keys need the default exchange (routing key = queue): one waiting "
                              "message per key cannot span several bound queues")
+        route = (exchange, routing_key or "")
+        notify = self._should_notify(route, row)
         started = monotonic()
         queues = self.store.publish_routed(exchange, routing_key, row.payload, priority=row.priority,
                                            ttl=row.ttl, serial_key=row.serial_key,
-                                           visible_at=row.visible_at)
+                                           visible_at=row.visible_at, notify=notify)
         metrics.published(row.serial_key is not None, monotonic() - started, len(queues))
+        self._published(route, queues, notify, row)
         if not queues and self.deadletter_queue:
             logger.warning("kombu-pg: no route for exchange=%r routing_key=%r; sent to %r",
                            exchange, routing_key, self.deadletter_queue)
@@ -265,14 +267,22 @@ class Channel(virtual.Channel):
         if row.job_key is not None:
             self._insert_job(queue, row)
             return
+        route = ("", queue)
+        notify = self._should_notify(route, row)
         started = monotonic()
         self.store.publish(queue, row.payload, priority=row.priority, ttl=row.ttl, serial_key=row.serial_key,
-                           visible_at=row.visible_at, notify=self._should_notify(queue, row))
+                           visible_at=row.visible_at, notify=notify)
         metrics.published(row.serial_key is not None, monotonic() - started)
+        self._published(route, (queue,), notify, row)
 
-    def _should_notify(self, queue: str, row: "_Row") -> bool:
+    def _should_notify(self, route: RouteKey, row: "_Row") -> bool:
         # A delayed message's NOTIFY only announces its due time: never debounced away.
-        return row.visible_at is not None or self.connection.debouncer.should_notify(queue)
+        return row.visible_at is not None or self.connection.debouncer.should_notify(route)
+
+    def _published(self, route: RouteKey, queues: Sequence[str], notified: bool, row: "_Row") -> None:
+        # A delayed message's NOTIFY names its due time, not its queues: it settles nothing.
+        if row.visible_at is None:
+            self.connection.debouncer.published(route, queues, notified)
 
     def _insert_job(self, queue: str, row: "_Row") -> None:
         started = monotonic()

@@ -36,6 +36,7 @@ from celery.result import AsyncResult
 from celery.utils import uuid
 from celery.utils.saferepr import saferepr
 from kombu import Producer
+from kombu.exceptions import OperationalError
 from kombu.serialization import dumps, loads, registry
 
 from . import metrics
@@ -165,11 +166,28 @@ class _RolledBack(Exception):
 
 
 class _BatchProducer(Producer):
-    """Declares each queue once per batch: Kombu's own check costs more than the insert."""
+    """A producer for one batch: declares each queue once, and never retries a publish.
+
+    Kombu's own declare check costs more than the insert.  A retry would revive the
+    producer on a new channel after a connection error, so that publish and the ones
+    after it would go out one by one, outside the batch: the whole batch fails instead.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
         self._declared: list = []
+        self._channel_set = False
+        super().__init__(*args, **kwargs)
+        self._channel_set = True
+
+    def publish(self, *args: Any, **kwargs: Any):
+        kwargs["retry"] = False
+        return super().publish(*args, **kwargs)
+
+    def revive(self, channel) -> None:
+        if self._channel_set:
+            raise OperationalError("the connection was lost during a kombu-pg batch: nothing in it "
+                                   "was published (messages with a job key are published at once)")
+        super().revive(channel)
 
     def maybe_declare(self, entity, retry=False, **retry_policy):
         if not entity or entity in self._declared:
@@ -196,7 +214,8 @@ def batch(app: Celery, *, max_size: int = 1000) -> Iterator[Producer]:
         channel = _BatchChannel(transport, max_size)
         try:
             yield _BatchProducer(channel, auto_declare=False)
-            channel.commit()
+            with connection._reraise_as_library_errors():
+                channel.commit()
         finally:
             channel.discard()
             channel.close()

@@ -40,11 +40,7 @@ def durable_queue(name: str) -> Queue:
 
 
 def publish(producer: Producer, queue: str, seq: int, pad: str) -> None:
-    """One persistent message through the default exchange, as Celery publishes a task.
-
-    The default exchange matters for kombu_pg: its NOTIFYs are debounced there, while a
-    publish through a named exchange always notifies (see ``Channel.basic_publish``).
-    """
+    """One persistent message through the default exchange, as Celery publishes a task."""
     producer.publish(
         {"seq": seq, "pad": pad}, exchange="", routing_key=queue, delivery_mode=2
     )

@@ -88,7 +88,7 @@ class QoS(virtual.QoS):
         metrics.acked(self._delivered.get(delivery_tag))
         super().ack(delivery_tag)
         if not could_claim and self.claim_limit():
-            self.channel.connection.wake()
+            self.channel.connection.wake(self.channel)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if self.channel.connection is None:
@@ -105,7 +105,7 @@ class QoS(virtual.QoS):
         metrics.rejected(self._delivered.get(delivery_tag), requeue)
         super().ack(delivery_tag)
         if not could_claim and self.claim_limit():
-            self.channel.connection.wake()
+            self.channel.connection.wake(self.channel)
 
     def restore_unacked(self) -> list:
         """Unlock every unacked delivery in place, in one statement."""
@@ -521,7 +521,7 @@ class Transport(virtual.Transport):
 
     def _connect(self) -> psycopg.Connection:
         try:
-            return connect(self.conninfo)
+            return connect(self.conninfo, jit=False)
         except psycopg.OperationalError as exc:
             raise psycopg.OperationalError(
                 f"kombu-pg cannot connect to {redact(self.conninfo)}: {exc}") from exc
@@ -690,9 +690,16 @@ class Transport(virtual.Transport):
             self.return_acks(tags)
             raise
 
-    def wake(self) -> None:
-        """Prefetch capacity was freed (possibly from another thread): fetch again."""
-        self._pending.update(self._active_queues())
+    def wake(self, channel: Channel | None = None) -> None:
+        """Prefetch capacity was freed (possibly from another thread): fetch again.
+
+        Only ``channel``'s queues (all queues without one): prefetch is per channel, so an
+        ack on the task channel frees nothing for another one.  Marking every queue made
+        each refill also claim the worker's no-ack queues (Celery's pidbox), an empty
+        claim that held the claimer thread while the task window waited.
+        """
+        queues = self._active_queues() if channel is None else channel._active_queues
+        self._pending.update(queues)
         self._poke()
 
     def _poke(self) -> None:

@@ -359,6 +359,40 @@ def test_in_an_event_loop_claims_run_on_a_thread_and_messages_arrive_in_the_loop
         assert delivering_threads == {threading.get_ident()}  # never the claimer thread
 
 
+def test_an_ack_wakes_only_the_queues_of_its_own_channel(pg_url, schema):
+    """Freed prefetch capacity on the task channel must not send the claimer to another
+    channel's queues (Celery's no-ack pidbox): that empty claim delayed the refill."""
+    with Connection(pg_url, transport_options={"schema": schema}) as c:
+        producer = Producer(c.default_channel)
+        for n in range(2):
+            producer.publish(n, routing_key="tasks", declare=[Queue("tasks")])
+        producer.publish("hello", routing_key="control", declare=[Queue("control")])
+        other = c.channel()
+        got = []
+        with Consumer(c, [Queue("tasks")], callbacks=[lambda body, message: got.append(message)],
+                      prefetch_count=1), \
+                Consumer(other, [Queue("control")], callbacks=[lambda body, message: None], no_ack=True):
+            while not got:
+                c.drain_events(timeout=10)
+            c.transport._pending.clear()
+            got[0].ack()
+            assert c.transport._pending == {"tasks"}
+        other.close()
+
+
+def test_broker_sessions_never_jit_compile(pg_url, schema):
+    from kombu_pg.store.connect import connect
+
+    with Connection(pg_url, transport_options={"schema": schema}) as c:
+        work = c.default_channel.store.conn
+        assert work.execute("SHOW jit").fetchone()[0] == "off"
+        assert c.transport.listener().conn.execute("SHOW jit").fetchone()[0] == "off"
+    # Options the URL already carries are kept.
+    with connect(pg_url, jit=False, options="-c application_name=kept") as conn:
+        assert conn.execute("SHOW jit").fetchone()[0] == "off"
+        assert conn.execute("SHOW application_name").fetchone()[0] == "kept"
+
+
 def test_a_claim_still_in_flight_when_the_event_loop_stops_is_handed_back(pg_url, schema, pg_conn):
     from kombu.asynchronous import Hub
 

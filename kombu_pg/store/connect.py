@@ -6,11 +6,26 @@ import os
 from typing import Callable
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+#: Broker sessions run short statements only.  JIT compilation never pays off for them,
+#: yet the planner asks for it whenever its estimate passes ``jit_above_cost``, and for a
+#: queue table without fresh statistics (a burst, autovacuum off or behind) the estimate
+#: comes from the table's size alone: a recovery pass then spent ~130-220 ms compiling
+#: a statement that runs in a few, on the thread that runs Celery's event loop.
+NO_JIT = "-c jit=off"
 
 
-def connect(conninfo: str, **kwargs) -> psycopg.Connection:
+def connect(conninfo: str, *, jit: bool = True, **kwargs) -> psycopg.Connection:
     """An autocommit connection: each statement commits on its own, and nothing holds a
-    transaction open across callbacks (LISTEN needs that too)."""
+    transaction open across callbacks (LISTEN needs that too).
+
+    ``jit=False`` turns JIT compilation off for the session (added to any ``options``
+    the conninfo already carries, no extra round trip).
+    """
+    if not jit:
+        given = kwargs.get("options") or conninfo_to_dict(conninfo).get("options") or ""
+        kwargs["options"] = f"{given} {NO_JIT}".strip()
     return psycopg.connect(conninfo, autocommit=True, **kwargs)
 
 

@@ -28,7 +28,7 @@ class Listener:
 
     def __init__(self, conninfo: str, channel: str) -> None:
         self.channel = channel
-        self.conn = connect(conninfo)
+        self.conn = connect(conninfo, jit=False)
         self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
 
     def fileno(self) -> int:

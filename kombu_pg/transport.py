@@ -923,8 +923,6 @@ class Transport(virtual.Transport):
         self._fetch_pending()
 
 
-
-
 @dataclass(frozen=True)
 class _PendingClaim:
     channel: Channel

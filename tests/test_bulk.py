@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 
@@ -118,6 +119,21 @@ def test_one_notify_per_queue_and_due_times_announced(app, pg_url, schema):
         assert len([p for p in seen if p.startswith("@")]) == 1
     finally:
         listener.close()
+
+
+def test_send_many_leaves_the_cyclic_gc_as_it_found_it(app, add):
+    assert gc.isenabled()
+    send_many([add.s(1, 2)])
+    assert gc.isenabled()
+    with pytest.raises(TypeError):
+        send_many([add.s(1)])
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        send_many([add.s(1, 2)])
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_send_many_of_nothing():

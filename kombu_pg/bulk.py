@@ -147,19 +147,23 @@ class _Writer:
             raise self.error
 
     def _run(self) -> None:
+        told = False  # whether the caller's commit/rollback has been taken off the queue
         try:
             with self.store.conn.transaction():
                 while (chunk := self.chunks.get()) is not self._COMMIT:
                     if chunk is self._ROLLBACK:
+                        told = True
                         raise _RolledBack
                     _publish_many(self.store, chunk)
+                told = True
         except _RolledBack:
             pass
-        except BaseException as exc:
+        except BaseException as exc:  # the COMMIT itself can fail too
             self.error = exc
-            # Keep taking chunks, so the caller never blocks on a writer that is gone.
-            while self.chunks.get() not in (self._COMMIT, self._ROLLBACK):
-                pass
+            # Keep taking chunks until told to finish: the caller never blocks on a writer
+            # that is gone, and joins one that has ended.
+            while not told:
+                told = self.chunks.get() in (self._COMMIT, self._ROLLBACK)
 
 
 class _RolledBack(Exception):

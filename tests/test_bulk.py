@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import threading
 import time
 
 import kombu.exceptions
@@ -81,6 +82,28 @@ def test_a_batch_whose_writer_session_dies_raises_and_publishes_nothing(app, pg_
             pg_conn.execute("SELECT pg_terminate_backend(%s, 5000)", (writer,))
             for i in range(30):
                 app.send_task("t", (i,), producer=producer)
+    assert len(rows(pg_conn, schema)) == 1
+
+
+def test_a_batch_whose_commit_fails_raises_instead_of_hanging(app, pg_conn, schema):
+    app.send_task("warm.up")
+    outcome = []
+
+    def publish() -> None:
+        try:
+            with batch(app, max_size=10) as producer:
+                for i in range(10):  # exactly one chunk: nothing is left to write at the end
+                    app.send_task("t", (i,), producer=producer)
+                writer = wait_for_writer(pg_conn, schema)
+                pg_conn.execute("SELECT pg_terminate_backend(%s, 5000)", (writer,))
+        except kombu.exceptions.OperationalError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "the batch hung on a writer whose COMMIT failed"
+    assert len(outcome) == 1
     assert len(rows(pg_conn, schema)) == 1
 
 

@@ -6,8 +6,8 @@ them; the figure is messages drained per second.  Serial keys cost a per-key pro
 every claim, and at most 64 messages can be in flight at once, one per key.
 
 Bulk publish: N Celery tasks sent one ``send_task`` at a time (each a commit), then the
-same N signatures through ``kombu_pg.bulk.send_many`` (one INSERT per 5,000), after one
-warm-up call of each.
+same N signatures through ``kombu_pg.bulk.send_many`` (1,000 messages per INSERT, all in
+one transaction), after one warm-up call of each.
 """
 
 from __future__ import annotations

@@ -26,7 +26,6 @@ import gc
 import queue
 import threading
 from contextlib import contextmanager
-from time import monotonic
 from typing import Any, Iterable, Iterator
 
 from celery import Celery, signals
@@ -40,7 +39,7 @@ from kombu import Producer
 from kombu.exceptions import OperationalError
 from kombu.serialization import dumps, loads, registry
 
-from . import metrics
+from .publish_batch import write
 from .store.broker import BrokerStore, OutgoingMessage
 from .transport import Channel, Transport
 
@@ -72,8 +71,7 @@ class _BatchChannel(Channel):
         if row.job_key is not None:
             super()._insert(queue, row)
             return
-        self.pending.append(OutgoingMessage(queue, row.payload, row.priority, row.ttl, row.serial_key,
-                                            row.visible_at))
+        self.pending.append(row.outgoing(queue))
         if len(self.pending) >= self.chunk_size:
             if self.writer is None:
                 self.writer = _Writer(self.connection, self.store.schema)
@@ -86,7 +84,7 @@ class _BatchChannel(Channel):
     def commit(self) -> None:
         """Write what is pending; durable when this returns."""
         if self.writer is None:
-            _publish_many(self.store, self._take())
+            write(self.store, self._take())
         else:
             if self.pending:
                 self.writer.write(self._take())
@@ -98,16 +96,6 @@ class _BatchChannel(Channel):
         if self.writer is not None:
             self.writer, writer = None, self.writer
             writer.rollback()
-
-
-def _publish_many(store: BrokerStore, messages: list[OutgoingMessage]) -> None:
-    started = monotonic()
-    count = store.publish_many(messages)
-    seconds = monotonic() - started
-    serial = sum(1 for m in messages if m.serial_key is not None)
-    for is_serial, n in ((True, serial), (False, count - serial)):
-        if n:
-            metrics.published(is_serial, seconds, n)
 
 
 class _Writer:
@@ -154,7 +142,7 @@ class _Writer:
                     if chunk is self._ROLLBACK:
                         told = True
                         raise _RolledBack
-                    _publish_many(self.store, chunk)
+                    write(self.store, chunk)
                 told = True
         except _RolledBack:
             pass

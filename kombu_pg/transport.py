@@ -32,8 +32,9 @@ from kombu.utils.scheduling import FairCycle
 
 from . import metrics
 from .config import Options, build_conninfo, redact
+from .publish_batch import PublishBatch
 from .store import JOB_KEY_MODES, BrokerStore, Claimed, JobPublish, apply_migrations, check_version, connect
-from .store.broker import DUE_PREFIX, JOB_KEY_HEADER, JOB_KEY_MODE_HEADER, SERIAL_KEY_HEADER
+from .store.broker import DUE_PREFIX, JOB_KEY_HEADER, JOB_KEY_MODE_HEADER, SERIAL_KEY_HEADER, OutgoingMessage
 from .store.routing import check_queue_name, topic_pattern
 from .store.wakeups import Listener, NotifyDebouncer, RouteKey
 
@@ -224,10 +225,12 @@ class Channel(virtual.Channel):
 
     # -- publish ----------------------------------------------------------------
 
-    def basic_publish(self, message, exchange, routing_key, **kwargs):
+    def basic_publish(self, message, exchange, routing_key, _publish_batch: PublishBatch | None = None,
+                      **kwargs):
         """Route, insert and notify in one statement; durable on return.
 
         NOTIFYs are debounced per route (exchange, routing key), see :class:`NotifyDebouncer`.
+        Inside Kombu's ``Producer.batch()`` the message is checked, then held by the batch.
         """
         if self.connection is None:
             # Closed under us (a reconnect inside a retried declare): a connection error
@@ -240,11 +243,18 @@ class Channel(virtual.Channel):
             if not queue:
                 # AMQP would drop it silently; refusing keeps the message with its sender.
                 raise ValueError("publish to the default exchange needs a routing key (the queue name)")
-            self._insert(queue, row)
+            if _publish_batch is not None and row.job_key is None:
+                check_queue_name(queue)
+                _publish_batch.add(row.outgoing(queue))
+            else:
+                self._insert(queue, row)
             return
         if row.job_key is not None:
             raise ValueError("job keys need the default exchange (routing key = queue): one waiting "
                              "message per key cannot span several bound queues")
+        if _publish_batch is not None:
+            _publish_batch.add(row.outgoing(routing_key or "", exchange=exchange))
+            return
         route = (exchange, routing_key or "")
         notify = self._should_notify(route, row)
         started = monotonic()
@@ -294,6 +304,10 @@ class Channel(virtual.Channel):
         if self.last_job_publish.outcome == "dropped":
             logger.info("kombu-pg: message with job key %r dropped: one is already waiting (mode keep)",
                         row.job_key)
+
+    def create_publish_batch(self, max_size: int) -> PublishBatch:
+        """Kombu's ``Producer.batch()``: publishes written together (see kombu_pg.publish_batch)."""
+        return PublishBatch(self, max_size)
 
     def _put(self, queue, message, **kwargs):
         self._insert(queue, self._row(message))
@@ -453,6 +467,7 @@ class Transport(virtual.Transport):
 
     implements = virtual.Transport.implements.extend(
         asynchronous=True,
+        batch_publish=True,
         exchange_type=frozenset(EXCHANGE_TYPES),
         heartbeats=False,
     )
@@ -959,6 +974,11 @@ class _Row:
             job_key=_key(headers.get(JOB_KEY_HEADER)),
             job_key_mode=job_key_mode,
         )
+
+    def outgoing(self, routing_key: str, *, exchange: str = "") -> OutgoingMessage:
+        """This message as one row of a many-message insert."""
+        return OutgoingMessage(routing_key, self.payload, self.priority, self.ttl, self.serial_key,
+                               self.visible_at, exchange)
 
 
 def _key(value: Any) -> str | None:

@@ -11,6 +11,7 @@ from psycopg import sql
 
 from kombu_pg.config import ConfigurationError
 from kombu_pg.store import BrokerStore, apply_migrations, connect, current_version, migration_sql
+from kombu_pg.store.broker import OutgoingMessage
 from kombu_pg.store.migrations import all_migrations
 
 
@@ -171,6 +172,24 @@ def test_routing_by_exchange_type(store):
     assert sorted(store.publish_routed("f", "anything", "x")) == ["qf1", "qf2"]
     store.unbind("f", "qf2", "")
     assert store.publish_routed("f", "", "x") == ["qf1"]
+
+
+def test_publish_many_routes_like_single_publishes_in_one_statement(store, pg_conn):
+    store.declare_exchange("t", "topic")
+    store.declare_exchange("f", "fanout")
+    store.bind("t", "qt", "a.*", r"^a\..*?[^\.]$", exchange_type="topic")
+    store.bind("f", "qf1", "", None, exchange_type="fanout")
+    store.bind("f", "qf2", "", None, exchange_type="fanout")
+    batch = [OutgoingMessage("qd", "1"), OutgoingMessage("a.b", "2", exchange="t"),
+             OutgoingMessage("x", "3", exchange="f"), OutgoingMessage("b.a", "4", exchange="t"),
+             OutgoingMessage("qd", "5")]
+    store.publish_many(batch)
+    stored = pg_conn.execute(sql.SQL("SELECT queue, payload FROM {}.messages ORDER BY id").format(
+        sql.Identifier(store.schema))).fetchall()
+    # In publish order, a fanout copy per bound queue; the unroutable one dropped.
+    assert stored == [("qd", "1"), ("qt", "2"), ("qf1", "3"), ("qf2", "3"), ("qd", "5")]
+    store.publish_many([OutgoingMessage("b.a", "6", exchange="t")], deadletter="dead")
+    assert store.size("dead") == 1
 
 
 def test_recovery_frees_a_terminated_consumers_messages(pg_url, store):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import socket
@@ -478,3 +479,52 @@ def test_a_delayed_routed_publish_always_announces_its_due_time(pg_url, schema, 
             publisher.publish("x", routing_key="later", headers={"eta": eta})
         payloads = _notifications_until_marker(listening, pg_conn, channel)
     assert len(payloads) == 2 and all(p.startswith("@") for p in payloads)
+
+
+# -- Kombu's Producer.batch() ----------------------------------------------------------------
+
+
+def stored(pg_conn, schema) -> list[tuple[str, object]]:
+    return [(queue, json.loads(base64.b64decode(json.loads(payload)["body"])))
+            for queue, payload in pg_conn.execute(sql.SQL("SELECT queue, payload FROM {}.messages ORDER BY id")
+                                                  .format(sql.Identifier(schema)))]
+
+
+def test_a_producer_batch_writes_its_publishes_together_when_it_exits(pg_url, schema, pg_conn):
+    with Connection(pg_url, transport_options={"schema": schema}) as c:
+        fan = Exchange("fan", "fanout")
+        producer = Producer(c.default_channel)
+        for name in ("a", "b"):
+            Queue(name, fan)(producer.channel).declare()
+        Queue("direct")(producer.channel).declare()
+        assert producer.supports_batch_publish
+        with producer.batch():
+            producer.publish(1, routing_key="direct")
+            producer.publish(2, exchange=fan)
+            producer.publish(3, exchange="nowhere", routing_key="x")  # unroutable: dropped
+            producer.publish(4, routing_key="direct", headers={"job_key": "once"})  # at once
+            assert stored(pg_conn, schema) == [("direct", 4)]
+            producer.publish(5, routing_key="direct")
+        assert stored(pg_conn, schema) == [("direct", 4), ("direct", 1), ("a", 2), ("b", 2), ("direct", 5)]
+        got = []
+        with Consumer(c, [Queue("direct")], callbacks=[lambda body, message: got.append(body) or message.ack()]):
+            while len(got) < 3:
+                c.drain_events(timeout=10)
+        assert got == [4, 1, 5]
+
+
+def test_a_producer_batch_writes_every_max_size_and_drops_the_rest_when_its_block_raises(pg_url, schema, pg_conn):
+    with Connection(pg_url, transport_options={"schema": schema}) as c:
+        producer = Producer(c.default_channel)
+        Queue("q")(producer.channel).declare()
+        with pytest.raises(KeyError):
+            with producer.batch(max_size=3):
+                for n in range(5):
+                    producer.publish(n, routing_key="q")
+                raise KeyError
+        assert stored(pg_conn, schema) == [("q", 0), ("q", 1), ("q", 2)]  # the first 3 were written
+        with producer.batch():
+            with pytest.raises(ValueError, match="queue name"):
+                producer.publish("bad", routing_key="bad\x00name")
+            producer.publish(5, routing_key="q")
+        assert stored(pg_conn, schema)[-1] == ("q", 5)

@@ -322,19 +322,41 @@ RETURNING xmax = 0 AS inserted,
 
 -- name: publish_many
 -- Many messages in one statement (bulk publish): parallel arrays, one element per message.
+-- A message with an exchange goes to every queue whose binding matches (as publish_routed
+-- does), or to `deadletter` when none does and it is set; one without goes to the queue
+-- its routing key names.
 WITH rows AS (
     -- Binary parameters: text-format arrays would escape every quote of every payload.
-    SELECT * FROM unnest(%(queues)b::text[], %(priorities)b::smallint[], %(payloads)b::text[],
-                         %(serial_keys)b::text[], %(visible_ats)b::timestamptz[], %(ttls)b::float8[])
-                  WITH ORDINALITY AS r (queue, priority, payload, serial_key, visible_at, ttl, n)
+    SELECT * FROM unnest(%(exchanges)b::text[], %(routing_keys)b::text[], %(priorities)b::smallint[],
+                         %(payloads)b::text[], %(serial_keys)b::text[], %(visible_ats)b::timestamptz[],
+                         %(ttls)b::float8[])
+                  WITH ORDINALITY AS r (exchange, routing_key, priority, payload, serial_key, visible_at,
+                                        ttl, n)
+), targets AS (
+    SELECT r.*, r.routing_key AS queue FROM rows r WHERE r.exchange = ''
+    UNION ALL
+    SELECT r.*, coalesce(bound.queue, %(deadletter)s)
+    FROM rows r
+    LEFT JOIN LATERAL (
+        SELECT DISTINCT b.queue
+        FROM {schema}.bindings b JOIN {schema}.exchanges e ON e.name = b.exchange
+        WHERE b.exchange = r.exchange
+          AND CASE e.type
+                WHEN 'fanout' THEN true
+                WHEN 'topic' THEN r.routing_key ~ b.pattern
+                ELSE b.routing_key = r.routing_key
+              END
+    ) bound ON true
+    WHERE r.exchange <> ''
 ), inserted AS (
     INSERT INTO {schema}.messages (queue, priority, payload, serial_key, visible_at, expires_at)
-    SELECT r.queue, LEAST(r.priority, coalesce(q.max_priority, 255)), r.payload, r.serial_key,
-           CASE WHEN r.visible_at > now() THEN r.visible_at END,
-           LEAST(now() + make_interval(secs => r.ttl),
+    SELECT t.queue, LEAST(t.priority, coalesce(q.max_priority, 255)), t.payload, t.serial_key,
+           CASE WHEN t.visible_at > now() THEN t.visible_at END,
+           LEAST(now() + make_interval(secs => t.ttl),
                  now() + make_interval(secs => q.message_ttl_ms / 1000.0))
-    FROM rows r LEFT JOIN {schema}.queues q ON q.name = r.queue
-    ORDER BY r.n  -- ids (FIFO order) follow publish order
+    FROM targets t LEFT JOIN {schema}.queues q ON q.name = t.queue
+    WHERE t.queue IS NOT NULL  -- unroutable, no dead-letter queue: dropped, as AMQP does
+    ORDER BY t.n, t.queue  -- ids (FIFO order) follow publish order
     RETURNING queue, visible_at
 )
 SELECT pg_notify(%(channel)s, queue)

@@ -29,14 +29,16 @@ class Claimed:
 
 @dataclass(frozen=True)
 class OutgoingMessage:
-    """One message for :meth:`BrokerStore.publish_many`."""
+    """One message for :meth:`BrokerStore.publish_many`: to the queue ``routing_key``
+    names, or with an ``exchange`` to the queues bound to it as the routing key matches."""
 
-    queue: str
+    routing_key: str
     payload: str
     priority: int = 0
     ttl: float | None = None
     serial_key: str | None = None
     visible_at: datetime | None = None
+    exchange: str = ""
 
 
 @dataclass(frozen=True)
@@ -205,20 +207,21 @@ class BrokerStore:
                                       routing_key=routing_key or "", notify=notify)
         return [r[0] for r in self._exec("publish_routed", params).fetchall()]
 
-    def publish_many(self, messages: Sequence[OutgoingMessage]) -> int:
+    def publish_many(self, messages: Sequence[OutgoingMessage], *, deadletter: str | None = None) -> int:
         """Insert many messages in one statement (one commit); wake each queue once.
 
-        Delayed messages (``visible_at`` in the future) are announced by the promotion
-        pass, not by this statement.
+        A routed message no binding matches goes to ``deadletter`` if given, else nowhere.
+        Delayed messages (``visible_at`` in the future) are announced with their earliest
+        due time.
         """
         if not messages:
             return 0
-        columns = list(zip(*((m.queue, m.priority, m.payload, m.serial_key, m.visible_at, m.ttl)
-                             for m in messages)))
+        columns = list(zip(*((m.exchange, m.routing_key, m.priority, m.payload, m.serial_key, m.visible_at,
+                              m.ttl) for m in messages)))
         self._exec("publish_many", dict(
-            queues=list(columns[0]), priorities=list(columns[1]), payloads=list(columns[2]),
-            serial_keys=list(columns[3]), visible_ats=list(columns[4]), ttls=list(columns[5]),
-            channel=self.channel))
+            exchanges=list(columns[0]), routing_keys=list(columns[1]), priorities=list(columns[2]),
+            payloads=list(columns[3]), serial_keys=list(columns[4]), visible_ats=list(columns[5]),
+            ttls=list(columns[6]), deadletter=deadletter, channel=self.channel))
         return len(messages)
 
     def publish_job(

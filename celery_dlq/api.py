@@ -8,17 +8,22 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
-from typing import Any, Iterable, List, Mapping
+from typing import Any, Collection, Iterable, List, Mapping
 
 from kombu.serialization import loads as kombu_loads
 
+from kombu_pg.jobs import mark_replaced
+from kombu_pg.store.broker import JOB_KEY_MODE_HEADER, JobPublish
+from kombu_pg.transport import Channel
+
 from .capture import CELERY_HEADERS
+from .content import accepted_content, describe_body, is_accepted, raw_body
 from .ext import DeadLetterQueue, install
 from .store import (
-    DLQ_ID_HEADER, DLQError, NotFound, Page, RequeueResult, UsageError, check_filters, has_filter,
+    DLQ_ID_HEADER, REFUSED_CONTENT, REFUSED_STATUS, DLQError, NotFound, Page, RequeueResult,
+    UsageError, check_filters, has_filter, job_key_of, job_requeue_result,
 )
 
 logger = logging.getLogger("celery_dlq")
@@ -47,9 +52,13 @@ class DLQ:
         return self._store().list(filters, limit=limit, cursor=cursor)
 
     def show(self, dlq_id: int) -> dict:
-        """One entry with everything stored, plus the decoded task call when readable."""
+        """One entry with everything stored, plus ``body`` (content type, size, whether the
+        app accepts it, an escaped preview) and ``call``, the decoded task call when the
+        body is readable and its content type is in ``accept_content`` (else None)."""
         row = self._store().get(dlq_id)
-        row["call"] = decode_call(row["message"])
+        accept = accepted_content(self.app)
+        row["body"] = describe_body(row["message"], accept)
+        row["call"] = decode_call(row["message"], accept)
         return row
 
     def stats(self) -> dict:
@@ -81,8 +90,7 @@ class DLQ:
                 except NotFound:
                     results.append(RequeueResult(dlq_id, False, "not found"))
                     continue
-                ok = row["status"] == "dead" or force
-                results.append(RequeueResult(dlq_id, ok, "would requeue" if ok else f"already {row['status']}"))
+                results.append(self._would_requeue(row, force))
                 continue
             try:
                 results.append(self.requeue_one(dlq_id, note=note, force=force))
@@ -94,22 +102,60 @@ class DLQ:
                 results.append(RequeueResult(dlq_id, False, f"error: {type(exc).__name__}: {exc}"))
         return results
 
+    def _would_requeue(self, row: dict, force: bool) -> RequeueResult:
+        """A dry run: the refusals a requeue would give, changing nothing."""
+        if row["status"] != "dead" and not force:
+            return RequeueResult(row["id"], False, f"already {row['status']}", refused=REFUSED_STATUS)
+        job_key = job_key_of(row["message"])
+        waiting = self._store().waiting_job(job_key) if job_key and self.settings.atomic else None
+        if waiting is not None and waiting != row["task_id"]:
+            if not force:
+                return job_requeue_result(row["id"], JobPublish("dropped"), job_key, row["task_id"], [],
+                                          waiting)
+            return RequeueResult(row["id"], True, f"would requeue, replacing waiting task {waiting}",
+                                 job_outcome="replaced", replaced_task_id=waiting)
+        return RequeueResult(row["id"], True, "would requeue")
+
     def requeue_one(self, dlq_id: int, *, note: str | None = None, force: bool = False) -> RequeueResult:
+        """Requeue one entry.  A forced requeue that replaced a waiting task with the same job
+        key marks that task REVOKED in the result backend: it will never run."""
         store = self._store()
         if self.settings.atomic:
-            return store.requeue_to_broker(dlq_id, note=note, force=force)
-        return self._requeue_send_task(dlq_id, note=note, force=force)
+            result = store.requeue_to_broker(dlq_id, note=note, force=force)
+        else:
+            result = self._requeue_send_task(dlq_id, note=note, force=force)
+        if result.replaced_task_id:
+            try:
+                mark_replaced(self.app, result.replaced_task_id, store.get(dlq_id)["task_id"])
+            except Exception as exc:  # requeued all the same: say what is missing
+                logger.error("celery_dlq: entry %s replaced task %s, which could not be marked revoked: %s",
+                             dlq_id, result.replaced_task_id, exc)
+                result.detail += f" (not marked revoked: {type(exc).__name__}: {exc})"
+        return result
 
     def _requeue_send_task(self, dlq_id: int, *, note: str | None, force: bool) -> RequeueResult:
-        """Another broker: publish with send_task; success means the message was published."""
+        """Another broker: publish with send_task; success means the message was published.
+
+        send_task needs the decoded call: a body whose content type the app does not accept
+        is refused (``REFUSED_CONTENT``), never deserialized.
+        """
         row = self._store().get(dlq_id)
         if row["status"] != "dead" and not force:
-            return RequeueResult(dlq_id, False, f"already {row['status']}")
-        call = decode_call(row["message"])
+            return RequeueResult(dlq_id, False, f"already {row['status']}", refused=REFUSED_STATUS)
+        accept = accepted_content(self.app)
+        call = decode_call(row["message"], accept)
         if call is None:
+            body = describe_body(row["message"], accept)
+            if not body["accepted"]:
+                return RequeueResult(
+                    dlq_id, False, f"refused: the body is {body['content_type']!r}, which accept_content "
+                    "does not allow; send_task would have to deserialize it", refused=REFUSED_CONTENT)
             raise DLQError(f"DLQ entry {dlq_id}: the stored message cannot be decoded for send_task")
         headers = dict(call["custom_headers"])
         headers[DLQ_ID_HEADER] = dlq_id
+        job_key = job_key_of(row["message"])
+        if job_key is not None:  # as on the atomic path: never overwrite a waiting task unless forced
+            headers[JOB_KEY_MODE_HEADER] = "replace" if force else "keep"
         h = call["headers"]
         embed = call["embed"] or {}
         options = dict(
@@ -120,7 +166,7 @@ class DLQ:
             chain=embed.get("chain"), chord=embed.get("chord"),
             priority=call["priority"],
         )
-        if row["exchange"]:  # routed as it was originally
+        if row["exchange"] and job_key is None:  # routed as it was originally
             options["exchange"] = row["exchange"]
             options["routing_key"] = row["routing_key"] or ""
         elif row["queue"]:  # the default exchange: straight to the queue
@@ -128,17 +174,27 @@ class DLQ:
         timelimit = h.get("timelimit") or (None, None)
         if isinstance(timelimit, (list, tuple)) and len(timelimit) == 2:
             options["time_limit"], options["soft_time_limit"] = timelimit
-        self.app.send_task(h.get("task") or row["task_name"], call["args"], call["kwargs"],
-                           **{k: v for k, v in options.items() if v is not None})
+        with self.app.producer_or_acquire() as producer:
+            channel = producer.channel
+            if isinstance(channel, Channel):  # kombu-pg reports what a job-key publish did
+                channel.last_job_publish = None
+            self.app.send_task(h.get("task") or row["task_name"], call["args"], call["kwargs"],
+                               producer=producer, **{k: v for k, v in options.items() if v is not None})
+            published = getattr(channel, "last_job_publish", None) if job_key is not None else None
+        result = RequeueResult(dlq_id, True, "requeued")
+        if published is not None:
+            result = job_requeue_result(dlq_id, published, job_key, row["task_id"], [])
+            if not result.requeued:
+                return result
         # Published: from here on nothing may turn this into a failure.
         try:
-            self._store().mark_requeued(dlq_id, note)
+            self._store().mark_requeued(dlq_id, note, seen_failures=row["failure_count"])
         except Exception as exc:
             self.runtime.reset_connection()
             logger.warning("celery_dlq: entry %s was requeued but its status could not be updated: %s",
                            dlq_id, exc)
-            return RequeueResult(dlq_id, True, f"requeued (status not updated: {exc})")
-        return RequeueResult(dlq_id, True, "requeued")
+            result.detail += f" (status not updated: {exc})"
+        return result
 
     def delete(self, ids: Iterable[int] | None = None, *, filters: Mapping[str, Any] | None = None,
                dry_run: bool = False) -> List[int]:
@@ -177,17 +233,18 @@ class DLQ:
         return self.runtime.reap()
 
 
-def decode_call(message: str) -> dict | None:
-    """Task name, args, kwargs, embed and headers of a stored Kombu message (protocol 2)."""
+def decode_call(message: str, accept: Collection[str]) -> dict | None:
+    """Task name, args, kwargs, embed and headers of a stored Kombu message (protocol 2);
+    None when unreadable or when its content type is not in ``accept`` (then the body is
+    never deserialized: it may be a pickle from anyone who could publish)."""
     try:
         doc = json.loads(message)
         headers = dict(doc.get("headers") or {})
         props = doc.get("properties") or {}
-        body = doc.get("body")
-        if props.get("body_encoding") == "base64":
-            body = base64.b64decode(body)
         content_type = doc.get("content-type")
-        decoded = kombu_loads(body, content_type, doc.get("content-encoding"), accept={content_type})
+        if not is_accepted(content_type, accept):
+            return None
+        decoded = kombu_loads(raw_body(doc), content_type, doc.get("content-encoding"), accept=accept)
         args, kwargs, embed = decoded
     except Exception:
         return None

@@ -4,7 +4,9 @@ Registered through the ``celery.commands`` entry point (``dlq = "celery_dlq.cli:
 ``python -m celery_dlq -A proj dlq ...`` works without it.
 
 Exit codes: 0 success, 1 error (database, configuration), 2 bad usage (unknown option,
-bulk operation without ids or filter), 3 not found (an id that does not exist).
+bulk operation without ids or filter), 3 not found (an id that does not exist), 4 refused
+(a requeue refused because a task with the same job key is waiting, or because the body's
+content type is not in accept_content).
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from kombu_pg.config import ConfigurationError
 
 from .api import DLQ
 from .reaper import ReaperLoop
-from .store import MAX_PAGE, REASONS, STATUSES, DLQError, NotFound, UsageError
+from .store import MAX_PAGE, REASONS, REFUSED_STATUS, STATUSES, DLQError, NotFound, UsageError
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 3
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_REFUSED = 0, 1, 2, 3, 4
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -142,11 +144,15 @@ def show(ctx, dlq_id, as_json):
             _emit(row, True)
         else:
             for key, value in row.items():
-                if key not in ("message", "traceback", "call"):
+                if key not in ("message", "traceback", "call", "body"):
                     click.echo(f"{key:>18}: {value}")
-            call = row.get("call")
+            body, call = row["body"], row.get("call")
+            click.echo(f"{'body':>18}: {body['content_type']}, {body['size']} bytes"
+                       + ("" if body["accepted"] else ", not in accept_content: not deserialized"))
             if call:
                 click.echo(f"{'call':>18}: {call['task']}(*{call['args']!r}, **{call['kwargs']!r})")
+            else:
+                click.echo(f"{'preview':>18}: {body['preview']}" + (" ..." if body["truncated"] else ""))
             if row.get("traceback"):
                 click.echo("\n" + row["traceback"])
         return EXIT_OK
@@ -158,7 +164,8 @@ def show(ctx, dlq_id, as_json):
 @click.argument("ids", nargs=-1, type=int)
 @filter_options
 @click.option("--note", help="Appended to the entry's notes.")
-@click.option("--force", is_flag=True, help="Also entries already requeued or resolved.")
+@click.option("--force", is_flag=True, help="Also entries already requeued or resolved, and replace a "
+              "waiting task with the same job key (it is marked revoked).")
 @click.option("--dry-run", is_flag=True, help="Say what would be requeued, change nothing.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -173,7 +180,11 @@ def requeue(ctx, ids, note, force, dry_run, as_json, **kwargs):
         if any(r.detail.startswith("error:") for r in results):
             return EXIT_ERROR
         missing = [r for r in results if r.detail == "not found"]
-        return EXIT_NOT_FOUND if missing else EXIT_OK
+        if missing:
+            return EXIT_NOT_FOUND
+        # An entry that is not dead is skipped quietly (as before); any other refusal
+        # (a waiting task holds its job key, a body the app does not accept) is not.
+        return EXIT_REFUSED if any(r.refused not in (None, REFUSED_STATUS) for r in results) else EXIT_OK
 
     _run(ctx, run)
 

@@ -11,7 +11,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Collection
 
 import psycopg
 from celery import signals
@@ -27,6 +27,7 @@ from .capture import (
     NonRetryable, classify, entry_from_message, is_non_retryable, message_from_context,
     message_from_kombu,
 )
+from .content import accepted_content, is_accepted
 from .store import DLQ_ID_HEADER, DLQStore, Entry
 
 logger = logging.getLogger("celery_dlq")
@@ -285,9 +286,10 @@ class DeadLetterQueue:
             while True:
                 rows = store.backstop_candidates(s.backstop_window, limit, sorted(s.excluded_tasks),
                                                  s.backstop_grace, after)
+                accept = accepted_content(self.app, results=True)
                 for row in rows:
-                    entry = entry_from_result(row[:-1], s)
-                    if entry is not None and store.capture_if_absent(entry) is not None:
+                    entry = entry_from_result(row[:-1], s, accept)
+                    if entry is not None and store.capture_if_absent(entry, failed_at=row[-1]) is not None:
                         swept += 1
                 if len(rows) < limit:
                     break
@@ -348,16 +350,20 @@ def minimal_message(task, task_id, args, kwargs) -> dict:
     }
 
 
-def _decode(data, content_type, content_encoding):
+def _decode(data, content_type, content_encoding, accept: Collection[str]) -> tuple[bool, Any]:
+    """(decoded, value) of a result-backend column; a content type outside ``accept`` is
+    never deserialized: (False, None)."""
     if data is None:
-        return None
+        return True, None
+    if not is_accepted(content_type, accept):
+        return False, None
     try:
         from celery.backends.base import decompress_payload
 
-        return kombu_loads(decompress_payload(bytes(data)), content_type, content_encoding,
-                           accept={content_type})
+        return True, kombu_loads(decompress_payload(bytes(data)), content_type, content_encoding,
+                                 accept=accept)
     except Exception:
-        return None
+        return False, None
 
 
 def _result_reason(exc_class: type | None, retries: int, settings: config.Settings | None) -> str | None:
@@ -388,12 +394,13 @@ def _loaded_class(module: str | None, name: str | None) -> type | None:
     return cls if isinstance(cls, type) and issubclass(cls, BaseException) else None
 
 
-def entry_from_result(row, settings: config.Settings | None = None) -> Entry | None:
+def entry_from_result(row, settings: config.Settings | None, accept: Collection[str]) -> Entry | None:
     """A DLQ entry rebuilt from a FAILURE row of the result backend (backstop sweep);
-    None when the DLQ rules would not have captured that failure."""
+    None when the DLQ rules would not have captured that failure.  Columns are decoded
+    only with ``accept`` (the app's result_accept_content)."""
     (task_id, name, queue, retries, worker, content_type, content_encoding, result, traceback,
      args, kwargs) = row
-    meta = _decode(result, content_type, content_encoding)
+    _, meta = _decode(result, content_type, content_encoding, accept)
     exc_type = exc_message = None
     exc_class = None
     if isinstance(meta, dict):
@@ -407,8 +414,8 @@ def entry_from_result(row, settings: config.Settings | None = None) -> Entry | N
     reason = _result_reason(exc_class, retries or 0, settings)
     if reason is None:
         return None
-    args = _decode(args, content_type, content_encoding)
-    kwargs = _decode(kwargs, content_type, content_encoding)
+    args_ok, args = _decode(args, content_type, content_encoding, accept)
+    kwargs_ok, kwargs = _decode(kwargs, content_type, content_encoding, accept)
     body_ct, body_ce, data = kombu_dumps(
         (list(args or ()), dict(kwargs or {}), {"callbacks": None, "errbacks": None, "chain": None, "chord": None}),
         serializer="json")
@@ -422,6 +429,10 @@ def entry_from_result(row, settings: config.Settings | None = None) -> Entry | N
         "properties": {"body_encoding": "base64", "priority": 0,
                        "delivery_info": {"exchange": "", "routing_key": queue}},
     }
+    if not (args_ok and kwargs_ok):
+        doc["headers"]["dlq_unrebuildable"] = (
+            f"the result backend stored the arguments as {content_type!r}, which could not be "
+            "decoded with result_accept_content")
     return Entry(
         message=json.dumps(doc, default=str), reason=reason, source="backstop", task_id=task_id, task_name=name, queue=queue, exchange=None,
         routing_key=queue, exception_type=exc_type, exception_message=exc_message,

@@ -33,7 +33,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from kombu_pg.config import ConfigurationError
 
 from .api import DLQ
-from .store import MAX_PAGE, REASONS, STATUSES, DLQError, NotFound, UsageError
+from .store import MAX_PAGE, REASONS, REFUSED_STATUS, STATUSES, DLQError, NotFound, UsageError
 
 logger = logging.getLogger("celery_dlq.http")
 
@@ -52,9 +52,12 @@ _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "metho
 
 
 class HTTPError(Exception):
-    def __init__(self, status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> None:
+    def __init__(self, status: int, message: str, headers: Iterable[tuple[str, str]] = (),
+                 extra: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.headers = status, message, list(headers)
+        #: More fields for the error body (a refused requeue's ``result``).
+        self.extra = extra or {}
 
 
 def _bad(message: str) -> HTTPError:
@@ -305,7 +308,8 @@ class DLQAdmin:
 
     def _error(self, exc: HTTPError) -> tuple[int, list[tuple[str, str]], bytes]:
         status, headers, body = self._json(exc.status, {
-            "error": _CODES.get(exc.status, "error"), "message": exc.message, "status": exc.status})
+            **exc.extra, "error": _CODES.get(exc.status, "error"), "message": exc.message,
+            "status": exc.status})
         return status, headers + exc.headers, body
 
     # -- endpoints ------------------------------------------------------------------------------
@@ -354,7 +358,9 @@ class DLQAdmin:
         if result.detail.startswith("error:"):
             raise HTTPError(500, result.detail)
         if not result.requeued:
-            raise HTTPError(409, f"entry {dlq_id} is {result.detail}; pass force=true to requeue it anyway")
+            hint = "; pass force=true to requeue it anyway" if result.refused == REFUSED_STATUS else ""
+            raise HTTPError(409, f"entry {dlq_id} not requeued: {result.detail}{hint}",
+                            extra={"result": result.__dict__})
         return 200, result.__dict__
 
     def delete_one(self, query: dict, body: dict, dlq_id: int):

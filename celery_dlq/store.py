@@ -17,7 +17,7 @@ from typing import Any, Iterable, List, Mapping, Sequence
 import psycopg
 
 from kombu_pg.store import BrokerStore, Queries
-from kombu_pg.store.broker import JOB_KEY_HEADER
+from kombu_pg.store.broker import JOB_KEY_HEADER, JobPublish
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +84,27 @@ class Page:
     next_cursor: int | None
 
 
+#: Why a requeue was refused (``RequeueResult.refused``).
+REFUSED_STATUS = "status"  # the entry is not dead; force requeues it anyway
+REFUSED_JOB_KEY = "job_key_waiting"  # a task with its job key is waiting; force replaces it
+REFUSED_CONTENT = "content_not_accepted"  # send_task would have to deserialize the body
+
+
 @dataclass
 class RequeueResult:
     id: int
     requeued: bool
     detail: str
     queues: list[str] = field(default_factory=list)
+    #: Not requeued on purpose: one of the REFUSED_* codes (None when requeued or on error).
+    refused: str | None = None
+    #: For a job-keyed message: what the publish did (enqueued, replaced, queued_behind_in_flight).
+    job_outcome: str | None = None
+    #: Refused for its job key: the waiting task holding the key (when it could be read).
+    waiting_task_id: str | None = None
+    #: A forced requeue replaced this waiting task (same job key): it will not run, and is
+    #: marked REVOKED in the result backend.
+    replaced_task_id: str | None = None
 
 
 _LIST_COLUMNS = (
@@ -161,9 +176,10 @@ class DLQStore:
         row = self._one("capture", entry.params())
         return row[0], row[1]
 
-    def capture_if_absent(self, entry: Entry) -> int | None:
-        """Record a failure unless its task id is already in the DLQ (or was deleted)."""
-        row = self._exec("capture_if_absent", entry.params()).fetchone()
+    def capture_if_absent(self, entry: Entry, failed_at: datetime | None = None) -> int | None:
+        """Record a failure unless its task id is already in the DLQ (or was deleted); a row
+        requeued before ``failed_at`` is updated instead (the requeued run failed again)."""
+        row = self._exec("capture_if_absent", {**entry.params(), "failed_at": failed_at}).fetchone()
         return row[0] if row else None
 
     # -- reaping -------------------------------------------------------------------------
@@ -288,8 +304,15 @@ class DLQStore:
         row = self._exec("resolve", {"id": dlq_id, "task_id": task_id}).fetchone()
         return row[0] if row else None
 
-    def mark_requeued(self, dlq_id: int, note: str | None = None) -> None:
-        self._exec("mark_requeued", {"id": dlq_id, "note": note})
+    def mark_requeued(self, dlq_id: int, note: str | None = None, seen_failures: int | None = None) -> None:
+        """Record a requeue.  With ``seen_failures`` (the failure_count read before
+        publishing) a failure of the new run captured meanwhile keeps the row 'dead'."""
+        self._exec("mark_requeued", {"id": dlq_id, "note": note, "seen_failures": seen_failures})
+
+    def waiting_job(self, job_key: str) -> str | None:
+        """The task id of the waiting message holding ``job_key`` (broker tables), if any."""
+        row = self._exec("waiting_job", {"job_key": job_key}).fetchone()
+        return row[0] if row else None
 
     def lock_for_requeue(self, dlq_id: int) -> dict | None:
         row = self._exec("lock_for_requeue", {"id": dlq_id}).fetchone()
@@ -305,6 +328,11 @@ class DLQStore:
         message is the stored Kombu message unchanged except for the ``dlq_id`` header
         linking it to this row; it goes back to its original queue (rows taken from the
         broker) or is routed by its original exchange and routing key (signal captures).
+
+        A message with a job key keeps it.  If another task with that key is waiting, the
+        requeue is refused (``REFUSED_JOB_KEY``, nothing changes) unless ``force``: then it
+        replaces that task, whose id is returned in ``replaced_task_id`` (the caller marks
+        it revoked).  A key held only by a task in flight queues the requeue behind it.
         """
         broker = BrokerStore(self.conn, self.schema)
         with self.conn.transaction():
@@ -312,27 +340,37 @@ class DLQStore:
             if row is None:
                 raise NotFound(f"no DLQ entry with id {dlq_id}")
             if row["status"] != "dead" and not force:
-                return RequeueResult(dlq_id, False, f"already {row['status']}")
+                return RequeueResult(dlq_id, False, f"already {row['status']}", refused=REFUSED_STATUS)
             payload = relink(row["message"], dlq_id)
+            job_key = job_key_of(payload)
+            if job_key is not None:  # job keys only ever travel through the default exchange
+                return self._requeue_job(broker, row, payload, job_key, note=note, force=force)
             queues: list[str] = []
             if row["source"] not in ("reaper", "broker") and row["exchange"]:
                 queues = broker.publish_routed(
                     row["exchange"], row["routing_key"] or "", payload,
                     priority=row["priority"] or 0, serial_key=row["serial_key"])
             if not queues:
-                target = row["queue"] or row["routing_key"]
-                if not target:
-                    raise DLQError(f"DLQ entry {dlq_id} has no queue to requeue to")
-                job_key = _job_key(payload)
-                if job_key:  # a requeued dead letter keeps its job key (one waiting per key)
-                    broker.publish_job(target, payload, job_key, priority=row["priority"] or 0,
-                                       serial_key=row["serial_key"])
-                else:
-                    broker.publish(target, payload, priority=row["priority"] or 0,
-                                   serial_key=row["serial_key"])
+                target = _target(row)
+                broker.publish(target, payload, priority=row["priority"] or 0, serial_key=row["serial_key"])
                 queues = [target]
             self.mark_requeued(dlq_id, note)
         return RequeueResult(dlq_id, True, "requeued", queues)
+
+    def _requeue_job(self, broker: BrokerStore, row: dict, payload: str, job_key: str, *,
+                     note: str | None, force: bool) -> RequeueResult:
+        """The job-key part of :meth:`requeue_to_broker` (inside its transaction).
+
+        ``keep`` leaves a waiting task with the key untouched and inserts nothing, so an
+        unforced requeue can never overwrite a newer task; ``replace`` (forced) does.
+        """
+        dlq_id, target = row["id"], _target(row)
+        published = broker.publish_job(target, payload, job_key, mode="replace" if force else "keep",
+                                       priority=row["priority"] or 0, serial_key=row["serial_key"])
+        waiting = self.waiting_job(job_key) if published.outcome == "dropped" else None
+        if published.outcome != "dropped":
+            self.mark_requeued(dlq_id, note)
+        return job_requeue_result(dlq_id, published, job_key, row["task_id"], [target], waiting)
 
     # -- metrics -------------------------------------------------------------------------------
 
@@ -341,6 +379,32 @@ class DLQStore:
 
     def metrics_added(self) -> List[tuple]:
         return self._exec("metrics_added").fetchall()
+
+
+def job_requeue_result(dlq_id: int, published: JobPublish, job_key: str, task_id: str | None,
+                       queues: list[str], waiting: str | None = None) -> RequeueResult:
+    """What a requeue of a job-keyed message did, from its publish outcome.
+
+    ``dropped`` (mode keep: another task with the key is waiting) is a refusal; a replaced
+    task that is this entry's own earlier requeue displaces nobody.
+    """
+    if published.outcome == "dropped":
+        return RequeueResult(
+            dlq_id, False,
+            f"refused: task {waiting or '?'} with the same job key {job_key!r} is waiting; "
+            "force replaces it (it then never runs and is marked revoked)",
+            refused=REFUSED_JOB_KEY, waiting_task_id=waiting)
+    replaced = published.replaced_task_id
+    if published.outcome == "replaced" and replaced == task_id:
+        detail, replaced = "requeued (replaced its own waiting copy)", None
+    elif published.outcome == "replaced":
+        detail = f"requeued; replaced waiting task {replaced} (same job key {job_key!r})"
+    elif published.outcome == "queued_behind_in_flight":
+        detail = f"requeued behind the task in flight with job key {job_key!r}"
+    else:
+        detail = "requeued"
+    return RequeueResult(dlq_id, True, detail, queues, job_outcome=published.outcome,
+                         replaced_task_id=replaced)
 
 
 def relink(message: str, dlq_id: int) -> str:
@@ -353,7 +417,14 @@ def relink(message: str, dlq_id: int) -> str:
     return json.dumps(doc)
 
 
-def _job_key(payload: str) -> str | None:
+def _target(row: Mapping[str, Any]) -> str:
+    target = row["queue"] or row["routing_key"]
+    if not target:
+        raise DLQError(f"DLQ entry {row['id']} has no queue to requeue to")
+    return target
+
+
+def job_key_of(payload: str) -> str | None:
     try:
         headers = json.loads(payload).get("headers") or {}
     except (ValueError, AttributeError):

@@ -67,11 +67,12 @@ def enqueue(signature: Signature, job_key: str, *, mode: str = "replace", app: C
         published = channel.last_job_publish
     outcome = Outcome(published.outcome)
     if outcome is Outcome.REPLACED and published.replaced_task_id:
-        _mark_replaced(app, published.replaced_task_id, result.id)
+        mark_replaced(app, published.replaced_task_id, result.id)
     return JobResult(outcome, result, published.replaced_task_id)
 
 
-def _mark_replaced(app: Celery, old_id: str, new_id: str) -> None:
+def mark_replaced(app: Celery, old_id: str, new_id: str) -> None:
+    """Mark a task whose waiting message another one replaced REVOKED (it will never run)."""
     backend = app.backend
     if type(backend).__name__ == "DisabledBackend":
         return

@@ -137,7 +137,8 @@ def test_requeue_puts_the_message_back_on_its_queue(env, http):
     row_id = env.add(queue="celery")
     status, _, result = request(f"{http}/api/entries/{row_id}/requeue", "POST", {"note": "fixed in #1"})
     assert status == 200, result
-    assert result == {"id": row_id, "requeued": True, "detail": "requeued", "queues": ["celery"]}
+    assert result == {"id": row_id, "requeued": True, "detail": "requeued", "queues": ["celery"],
+                      "refused": None, "job_outcome": None, "waiting_task_id": None, "replaced_task_id": None}
     assert env.queued("celery") == 1
     stored = env.store.get(row_id)
     assert stored["status"] == "requeued" and stored["notes"] == ["fixed in #1"]
@@ -147,6 +148,7 @@ def test_requeue_puts_the_message_back_on_its_queue(env, http):
     # Requeueing it again is a conflict unless forced.
     status, _, err = request(f"{http}/api/entries/{row_id}/requeue", "POST", {})
     assert status == 409 and err["error"] == "conflict" and "already requeued" in err["message"]
+    assert err["result"]["refused"] == "status" and "force=true" in err["message"]
     assert env.queued("celery") == 1
     assert request(f"{http}/api/entries/{row_id}/requeue", "POST", {"force": True})[0] == 200
     assert env.queued("celery") == 2

@@ -65,8 +65,10 @@ SELECT id FROM ins
 
 -- name: reject_to_dlq
 -- Broker-level dead-lettering of one delivered message (Kombu reject(requeue=False)),
--- fenced by its lock token, in one statement.  A task id Celery's signal already
--- captured keeps its row (the signal fires before the reject): no double count.
+-- fenced by its lock token, in one statement.  A task id whose row is 'dead' was captured
+-- by Celery's signal for this very failure (the signal fires before the reject): the row
+-- is kept as it is, no double count.  A 'requeued' (or 'resolved') row failed again: it
+-- is updated like every other capture path does (status dead, failure_count + 1).
 WITH moved AS (
     DELETE FROM {schema}.messages WHERE lock_token = %(token)s::uuid
     RETURNING id, queue, priority, payload, serial_key, delivery_count,
@@ -85,7 +87,16 @@ WITH moved AS (
                 THEN {schema}.dlq_text(doc, 'headers', 'retries')::integer ELSE 0 END,
            delivery_count, 'broker', id
     FROM moved
-    ON CONFLICT (task_id) WHERE task_id IS NOT NULL DO NOTHING
+    ON CONFLICT (task_id) WHERE task_id IS NOT NULL DO UPDATE SET
+        failure_count = d.failure_count + 1, reason = EXCLUDED.reason,
+        exception_type = NULL, exception_message = EXCLUDED.exception_message,
+        traceback = NULL, message = EXCLUDED.message, queue = EXCLUDED.queue,
+        exchange = EXCLUDED.exchange, routing_key = EXCLUDED.routing_key,
+        priority = EXCLUDED.priority, serial_key = EXCLUDED.serial_key,
+        retries = EXCLUDED.retries, delivery_count = EXCLUDED.delivery_count,
+        source = EXCLUDED.source, broker_message_id = EXCLUDED.broker_message_id,
+        status = 'dead', last_failed_at = now()
+    WHERE d.status <> 'dead'
     RETURNING d.id, d.task_name, d.reason, d.serial_key
 ), counted AS (
     INSERT INTO {schema}.dlq_counters AS c (task_name, reason, queue_kind, added)
@@ -130,7 +141,10 @@ WITH ins AS (
 SELECT id, failure_count FROM ins
 
 -- name: capture_if_absent
--- The backstop sweep: only failures with no DLQ row and no tombstone are added.
+-- The backstop sweep: a failure with no DLQ row and no tombstone is added.  A row that
+-- was requeued before this failure (%(failed_at)s: the result's date_done) failed again
+-- without its capture reaching the DLQ: it is updated (status dead, failure_count + 1,
+-- the new error), keeping its stored message and routing, which are the exact ones.
 WITH ins AS (
     INSERT INTO {schema}.dlq AS d (
         task_id, task_name, queue, exchange, routing_key, priority, serial_key, reason,
@@ -139,7 +153,12 @@ WITH ins AS (
            %(serial_key)s, %(reason)s, %(exception_type)s, %(exception_message)s, %(traceback)s,
            %(message)s, %(retries)s, %(source)s, %(worker)s
     WHERE NOT EXISTS (SELECT 1 FROM {schema}.dlq_tombstones t WHERE t.task_id = %(task_id)s)
-    ON CONFLICT (task_id) WHERE task_id IS NOT NULL DO NOTHING
+    ON CONFLICT (task_id) WHERE task_id IS NOT NULL DO UPDATE SET
+        failure_count = d.failure_count + 1, reason = EXCLUDED.reason,
+        exception_type = EXCLUDED.exception_type, exception_message = EXCLUDED.exception_message,
+        traceback = EXCLUDED.traceback, retries = EXCLUDED.retries, source = EXCLUDED.source,
+        worker = EXCLUDED.worker, status = 'dead', last_failed_at = now()
+    WHERE d.status = 'requeued' AND d.requeued_at < %(failed_at)s::timestamptz
     RETURNING d.id, d.task_name, d.reason, d.serial_key
 ), counted AS (
     INSERT INTO {schema}.dlq_counters AS c (task_name, reason, queue_kind, added)
@@ -153,6 +172,7 @@ SELECT id FROM ins
 -- name: backstop_candidates
 -- FAILURE results (result backend table) that never reached the DLQ, in (date_done,
 -- task_id) order after the given position (keyset: rows the caller skipped stay behind).
+-- A row requeued before the failure counts as missing: the requeued run failed again.
 SELECT r.task_id, r.name, r.queue, coalesce(r.retries, 0), r.worker, r.content_type,
        r.content_encoding, r.result, r.traceback, r.args, r.kwargs, r.date_done
 FROM {schema}.results r
@@ -161,7 +181,8 @@ WHERE r.status = 'FAILURE' AND r.name IS NOT NULL
   -- A failure the signal handler is writing right now is not the sweep's business.
   AND r.date_done < now() - make_interval(secs => %(grace)s)
   AND (%(after_ts)s::timestamptz IS NULL OR (r.date_done, r.task_id) > (%(after_ts)s, %(after_id)s::text))
-  AND NOT EXISTS (SELECT 1 FROM {schema}.dlq d WHERE d.task_id = r.task_id)
+  AND NOT EXISTS (SELECT 1 FROM {schema}.dlq d WHERE d.task_id = r.task_id
+                  AND NOT (d.status = 'requeued' AND d.requeued_at < r.date_done))
   AND NOT EXISTS (SELECT 1 FROM {schema}.dlq_tombstones t WHERE t.task_id = r.task_id)
   AND NOT (r.name = ANY(%(excluded)s::text[]))
 ORDER BY r.date_done, r.task_id
@@ -228,11 +249,20 @@ SELECT id, task_id, task_name, queue, exchange, routing_key, priority, serial_ke
 FROM {schema}.dlq WHERE id = %(id)s FOR UPDATE
 
 -- name: mark_requeued
+-- %(seen_failures)s: the failure_count read before publishing (send_task path).  If a
+-- failure of the new run was captured meanwhile, the row stays 'dead'.
 UPDATE {schema}.dlq
-SET status = 'requeued', requeue_count = requeue_count + 1, requeued_at = now(),
+SET status = CASE WHEN %(seen_failures)s::integer IS NULL OR failure_count = %(seen_failures)s::integer
+                  THEN 'requeued' ELSE status END,
+    requeue_count = requeue_count + 1, requeued_at = now(),
     notes = CASE WHEN %(note)s::text IS NULL THEN notes ELSE array_append(notes, %(note)s::text) END
 WHERE id = %(id)s
 RETURNING requeue_count
+
+-- name: waiting_job
+-- The task id of the waiting (undelivered) message holding a job key, if any.
+SELECT {schema}.dlq_text({schema}.dlq_json(payload), 'headers', 'id')
+FROM {schema}.messages WHERE job_key = %(job_key)s AND lock_token IS NULL
 
 -- name: resolve
 -- A requeued message succeeded.

@@ -228,3 +228,63 @@ def test_metrics_count_every_capture_across_pool_children(worker, client, db, en
     assert captured > 0 and added == captured
     for reason in ("non_retryable", "retries_exhausted", "max_deliveries", "rejected"):
         assert f'reason="{reason}"' in text
+
+
+# -- a requeued entry that fails again, by every path, updates its row (issue #16 item 9) -------
+
+
+def row_after(db, env, task_id, failures):
+    """The DLQ row of ``task_id`` once it has recorded ``failures`` failures."""
+    return wait_until(lambda: (lambda r: r if r and r["failure_count"] >= failures else None)(
+        dlq_row(db, env["schema"], task_id)), timeout=40, what=f"failure {failures} of {task_id}")
+
+
+def test_requeued_message_rejected_by_the_broker_again_updates_its_row(worker, client, db, env):
+    """An unknown task name: the worker's consumer rejects it (no task_failure signal), the
+    transport dead-letters it (reject_to_dlq).  Requeued, it is rejected again: the same row
+    goes back to dead with failure_count 2, instead of staying 'requeued' forever."""
+    result = client.send_task("dlq_app.not_registered", (11,))
+    row = row_after(db, env, result.id, 1)
+    assert (row["reason"], row["source"], row["status"]) == ("rejected", "broker", "dead")
+    assert [r.requeued for r in DLQ(client).requeue([row["id"]])] == [True]
+    again = row_after(db, env, result.id, 2)
+    assert (again["id"], again["status"], again["reason"], again["source"]) == (row["id"], "dead", "rejected",
+                                                                                  "broker")
+
+
+def test_requeued_poison_message_reaped_again_updates_its_row(worker, client, db, env):
+    """The reaper (beat, in the worker): a requeued poison message that kills its pool child
+    max_deliveries times more is reaped onto the same row."""
+    result = client.send_task("dlq_app.poison", (12,))
+    row = row_after(db, env, result.id, 1)
+    assert row["reason"] == "max_deliveries"
+    assert [r.requeued for r in DLQ(client).requeue([row["id"]])] == [True]
+    again = row_after(db, env, result.id, 2)
+    assert (again["id"], again["status"], again["reason"], again["source"]) == (row["id"], "dead",
+                                                                                  "max_deliveries", "reaper")
+    assert len(runs(db, env["schema"], result.id)) == 4  # 2 deliveries, requeued, 2 more
+
+
+def test_requeued_task_whose_failure_capture_fails_is_swept_onto_its_row(worker, client, db, env):
+    """The backstop: the requeued run fails, its DLQ write fails (a trigger refuses the
+    capture's update of this row), the FAILURE result is there: the sweep records the new
+    failure on the same row instead of skipping it because a row exists."""
+    result = client.send_task("dlq_app.permanent", (13,))
+    row = row_after(db, env, result.id, 1)
+    schema = sql.Identifier(env["schema"])
+    db.execute(sql.SQL("""
+        CREATE FUNCTION {schema}.refuse_capture() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN RAISE EXCEPTION 'DLQ write refused (test)'; END $$;
+        CREATE TRIGGER refuse_capture BEFORE UPDATE ON {schema}.dlq FOR EACH ROW
+        WHEN (NEW.task_id = {task_id} AND NEW.failure_count > OLD.failure_count AND NEW.source <> 'backstop')
+        EXECUTE FUNCTION {schema}.refuse_capture();""").format(schema=schema, task_id=sql.Literal(result.id)))
+    try:
+        assert [r.requeued for r in DLQ(client).requeue([row["id"]])] == [True]
+        worker.wait_for_line(f"DLQ WRITE FAILED for task dlq_app.permanent[{result.id}]", timeout=30)
+        again = row_after(db, env, result.id, 2)
+    finally:
+        db.execute(sql.SQL("DROP TRIGGER refuse_capture ON {}.dlq").format(schema))
+    assert (again["id"], again["status"], again["source"]) == (row["id"], "dead", "backstop")
+    assert again["exception_type"].endswith("PermanentError")
+    assert DLQ(client).reap()["swept"] == 0  # recorded once
+    assert row_after(db, env, result.id, 2)["failure_count"] == 2

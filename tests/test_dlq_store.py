@@ -389,3 +389,33 @@ def test_broker_reject_dead_letters_in_one_fenced_statement(pg_conn, migrated, b
     assert dlq.list({"reason": "rejected"}).total == 2
     assert dlq.get(dlq.list({"reason": "rejected"}).rows[0]["id"])["failure_count"] == 1
     assert pg_conn.execute(f'SELECT sum(added) FROM "{migrated}".dlq_counters').fetchone()[0] == 2
+
+
+def test_broker_reject_of_a_requeued_message_updates_its_row(pg_conn, migrated, broker, dlq):
+    """reject_to_dlq used to do nothing for a task id already in the DLQ, so a requeued
+    message rejected again was deleted and its row stayed 'requeued' forever."""
+    consumer = broker.register_consumer()
+    task_id = str(uuid.uuid4())
+    row_id, _ = dlq.capture(entry(task_id))
+    assert dlq.requeue_to_broker(row_id).requeued
+    [claimed] = broker.claim("celery", 1, consumer)
+    assert dlq.reject_to_dlq(claimed.token, "rejected by consumer") == (True, row_id)
+    row = dlq.get(row_id)
+    assert (row["status"], row["failure_count"], row["reason"], row["source"]) == ("dead", 2, "rejected", "broker")
+    assert (row["exception_type"], row["exception_message"]) == (None, "rejected by consumer")
+    assert json.loads(row["message"])["headers"]["dlq_id"] == row_id  # the message that failed
+    assert count(pg_conn, migrated, "messages") == 0
+    assert pg_conn.execute(f'SELECT sum(added) FROM "{migrated}".dlq_counters').fetchone()[0] == 2
+
+
+def test_a_failure_captured_before_the_requeue_is_marked_keeps_the_row_dead(dlq):
+    """send_task path: the new run can fail (and be captured) before mark_requeued runs;
+    the row must not be flipped back to 'requeued' over that failure."""
+    task_id = str(uuid.uuid4())
+    row_id, seen = dlq.capture(entry(task_id))
+    dlq.capture(entry(task_id))  # the requeued run failed at once
+    dlq.mark_requeued(row_id, "sent", seen_failures=seen)
+    row = dlq.get(row_id)
+    assert (row["status"], row["failure_count"], row["requeue_count"], row["notes"]) == ("dead", 2, 1, ["sent"])
+    dlq.mark_requeued(row_id, None, seen_failures=2)
+    assert dlq.get(row_id)["status"] == "requeued"

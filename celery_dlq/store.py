@@ -391,7 +391,7 @@ def job_requeue_result(dlq_id: int, published: JobPublish, job_key: str, task_id
     if published.outcome == "dropped":
         return RequeueResult(
             dlq_id, False,
-            f"refused: task {waiting or '?'} with the same job key {job_key!r} is waiting; "
+            f"refused: {f'task {waiting}' if waiting else 'a task'} with the same job key {job_key!r} is waiting; "
             "force replaces it (it then never runs and is marked revoked)",
             refused=REFUSED_JOB_KEY, waiting_task_id=waiting)
     replaced = published.replaced_task_id

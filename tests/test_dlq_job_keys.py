@@ -26,8 +26,12 @@ from .test_dlq_http import Server, request
 
 
 class Env:
-    def __init__(self, url: str, schema: str, conn: psycopg.Connection, **conf) -> None:
-        self.url, self.schema, self.conn = url, schema, conn
+    """A client app on a migrated schema, its broker store, and a consumer id to claim with."""
+
+    def __init__(self, url: str, schema: str, **conf) -> None:
+        setup_schema(url, schema)
+        self.schema = schema
+        self.conn = conn = psycopg.connect(url, autocommit=True)
         self.app = make_app(url, schema, **conf)
         self.broker = BrokerStore(conn, schema)
         self.api = DLQ(self.app)
@@ -62,15 +66,14 @@ class Env:
 
     def close(self) -> None:
         self.api.close()
+        self.conn.close()
 
 
 @pytest.fixture
 def env(pg_url, schema):
-    setup_schema(pg_url, schema)
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        e = Env(pg_url, schema, conn)
-        yield e
-        e.close()
+    e = Env(pg_url, schema)
+    yield e
+    e.close()
 
 
 def cli(app, *args):
@@ -165,28 +168,26 @@ def test_forced_requeue_over_its_own_waiting_copy_revokes_nothing(env):
 def test_send_task_path_on_kombu_pg_never_overwrites_either(pg_url, schema):
     """The DLQ in another schema than the broker: requeue goes through send_task, whose
     publish carries the job key; it is refused the same way, unless forced."""
-    setup_schema(pg_url, schema)
     dlq_schema = f"{schema}_dlq"
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        e = Env(pg_url, schema, conn, dlq_schema=dlq_schema)
-        try:
-            assert not e.api.settings.atomic
-            old = e.publish("mail:1", 1)
-            [claimed] = e.broker.claim("celery", 1, e.consumer)
-            # The capture a worker's signal makes, into the DLQ's own schema.
-            entry = entry_from_message(json.loads(claimed.payload), reason="non_retryable", source="worker",
-                                       exc=ValueError("boom"), traceback=None, worker="w1")
-            row_id = e.api.runtime.store().capture(entry)[0]
-            e.broker.ack([claimed.token])
-            new = e.publish("mail:1", 2)
+    e = Env(pg_url, schema, dlq_schema=dlq_schema)
+    try:
+        assert not e.api.settings.atomic
+        old = e.publish("mail:1", 1)
+        [claimed] = e.broker.claim("celery", 1, e.consumer)
+        # The capture a worker's signal makes, into the DLQ's own schema.
+        entry = entry_from_message(json.loads(claimed.payload), reason="non_retryable", source="worker",
+                                   exc=ValueError("boom"), traceback=None, worker="w1")
+        row_id = e.api.runtime.store().capture(entry)[0]
+        e.broker.ack([claimed.token])
+        new = e.publish("mail:1", 2)
 
-            [refused] = e.api.requeue([row_id])
-            assert (refused.requeued, refused.refused) == (False, REFUSED_JOB_KEY)
-            assert e.waiting("mail:1") == [new] and e.api.show(row_id)["status"] == "dead"
+        [refused] = e.api.requeue([row_id])
+        assert (refused.requeued, refused.refused) == (False, REFUSED_JOB_KEY)
+        assert e.waiting("mail:1") == [new] and e.api.show(row_id)["status"] == "dead"
 
-            [forced] = e.api.requeue([row_id], force=True)
-            assert (forced.requeued, forced.job_outcome, forced.replaced_task_id) == (True, "replaced", new)
-            assert e.waiting("mail:1") == [old] and e.state(new) == "REVOKED"
-        finally:
-            e.close()
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(dlq_schema)))
+        [forced] = e.api.requeue([row_id], force=True)
+        assert (forced.requeued, forced.job_outcome, forced.replaced_task_id) == (True, "replaced", new)
+        assert e.waiting("mail:1") == [old] and e.state(new) == "REVOKED"
+    finally:
+        e.conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(dlq_schema)))
+        e.close()

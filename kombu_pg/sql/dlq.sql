@@ -87,15 +87,12 @@ WITH moved AS (
                 THEN {schema}.dlq_text(doc, 'headers', 'retries')::integer ELSE 0 END,
            delivery_count, 'broker', id
     FROM moved
+    -- The same logical message (its queue and routing do not change): record the failure.
     ON CONFLICT (task_id) WHERE task_id IS NOT NULL DO UPDATE SET
-        failure_count = d.failure_count + 1, reason = EXCLUDED.reason,
-        exception_type = NULL, exception_message = EXCLUDED.exception_message,
-        traceback = NULL, message = EXCLUDED.message, queue = EXCLUDED.queue,
-        exchange = EXCLUDED.exchange, routing_key = EXCLUDED.routing_key,
-        priority = EXCLUDED.priority, serial_key = EXCLUDED.serial_key,
-        retries = EXCLUDED.retries, delivery_count = EXCLUDED.delivery_count,
-        source = EXCLUDED.source, broker_message_id = EXCLUDED.broker_message_id,
-        status = 'dead', last_failed_at = now()
+        failure_count = d.failure_count + 1, reason = 'rejected', exception_type = NULL,
+        exception_message = EXCLUDED.exception_message, traceback = NULL,
+        message = EXCLUDED.message, delivery_count = EXCLUDED.delivery_count, source = 'broker',
+        broker_message_id = EXCLUDED.broker_message_id, status = 'dead', last_failed_at = now()
     WHERE d.status <> 'dead'
     RETURNING d.id, d.task_name, d.reason, d.serial_key
 ), counted AS (

@@ -5,7 +5,6 @@ marked REVOKED, and the result says so.  Python API, CLI and HTTP, on real rows.
 from __future__ import annotations
 
 import json
-import uuid
 
 import psycopg
 import pytest

@@ -283,10 +283,10 @@ class DeadLetterQueue:
             if not store.has_results_table():
                 return 0
             after = None
+            accept = accepted_content(self.app, results=True)
             while True:
                 rows = store.backstop_candidates(s.backstop_window, limit, sorted(s.excluded_tasks),
                                                  s.backstop_grace, after)
-                accept = accepted_content(self.app, results=True)
                 for row in rows:
                     entry = entry_from_result(row[:-1], s, accept)
                     if entry is not None and store.capture_if_absent(entry, failed_at=row[-1]) is not None:

@@ -53,13 +53,14 @@ def test_a_batch_larger_than_max_size_is_still_all_or_nothing(app, pg_conn, sche
     app.send_task("warm.up")
     with batch(app, max_size=10) as producer:
         group(app.signature("t", (i,)) for i in range(25)).apply_async(producer=producer)
-        app.send_task("t", headers={"job_key": "once"}, producer=producer)
-        assert rows(pg_conn, schema, "job_key") == [None, "once"]  # job keys go at once
+        app.send_task("t", ("once",), headers={"job_key": "once"}, producer=producer)
+        assert rows(pg_conn, schema, "job_key") == [None]  # a job key joins the batch too
         more = [app.send_task("t", (i,), producer=producer) for i in range(25, 40)]
     assert rows(pg_conn, schema, "job_key").count("once") == 1
     payloads = [json.loads(p) for p in rows(pg_conn, schema)[1:]]
-    in_order = [p["headers"]["argsrepr"] for p in payloads if not p["headers"].get("job_key")]
-    assert in_order == [f"({i},)" for i in range(40)]  # ids follow publish order across chunks
+    in_order = [p["headers"]["argsrepr"] for p in payloads]
+    # ids follow publish order across chunks
+    assert in_order == [f"({i},)" for i in range(25)] + ["('once',)"] + [f"({i},)" for i in range(25, 40)]
     assert payloads[-1]["headers"]["id"] == more[-1].id
 
     with pytest.raises(KeyError):
@@ -127,21 +128,31 @@ def test_max_size_must_be_a_positive_integer(app):
                 pass
 
 
-def test_one_notify_per_queue_and_due_times_announced(app, pg_url, schema):
+def test_one_notify_per_queue_and_due_times_announced(app, pg_url, pg_conn, schema):
     app.conf.broker_transport_options = {"schema": schema, "native_delayed_delivery": True}
     app.send_task("warm.up")
-    listener = Listener(pg_url, f"{schema}:queues")
+    due = []
+    listener = Listener(pg_url, f"{schema}:queues", f"{schema}:due", due.append)
     try:
         send_many([app.signature("t", (i,)) for i in range(20)] +
                   [app.signature("t", (i,), queue="other") for i in range(5)] +
-                  [app.signature("t", countdown=3600)])
-        seen = listener.wait(5)
-        while more := listener.wait(0.2):
-            seen |= more
-        assert {p for p in seen if not p.startswith("@")} == {"celery", "other"}
-        assert len([p for p in seen if p.startswith("@")]) == 1
+                  [app.signature("t", countdown=3600), app.signature("t", countdown=7200)])
+        assert notified_until_marker(listener, pg_conn) == ["celery", "other"]
+        assert len(due) == 1 and 3500 < due[0] - time.time() <= 3600  # the earliest, once
     finally:
         listener.close()
+
+
+def notified_until_marker(listener: Listener, pg_conn) -> list[str]:
+    """Queue names notified so far: NOTIFYs arrive in commit order, so once a marker sent
+    now arrives, every NOTIFY committed before it has too."""
+    pg_conn.execute("SELECT pg_notify(%s, 'marker')", (listener.channel,))
+    seen: set[str] = set()
+    deadline = time.monotonic() + 10
+    while "marker" not in seen and time.monotonic() < deadline:
+        seen |= listener.wait(1)
+    assert "marker" in seen, f"the marker NOTIFY never arrived; got {seen}"
+    return sorted(seen - {"marker"})
 
 
 def test_send_many_leaves_the_cyclic_gc_as_it_found_it(app, add):

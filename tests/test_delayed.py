@@ -28,17 +28,17 @@ def test_delayed_message_is_invisible_until_promoted(store):
     assert [c.payload for c in store.claim("q", 5, cid)] == ["later"]
 
 
-def test_due_time_is_announced_on_notify(pg_url, store):
-    from kombu_pg.store.broker import DUE_PREFIX
+def test_due_time_is_announced_on_the_due_channel(pg_url, store):
     from kombu_pg.store.wakeups import Listener
 
-    listener = Listener(pg_url, store.channel)
+    announced = []
+    listener = Listener(pg_url, store.channel, store.due_channel, announced.append)
     try:
         due = datetime.now(timezone.utc) + timedelta(hours=1)
         store.publish("q", "x", visible_at=due)
-        [payload] = listener.wait(5)
-        assert payload.startswith(DUE_PREFIX)
-        assert abs(float(payload[len(DUE_PREFIX):]) - due.timestamp()) < 0.01
+        assert listener.wait(5) == set()  # no queue name: the queue channel says nothing
+        [epoch] = announced
+        assert abs(epoch - due.timestamp()) < 0.01
     finally:
         listener.close()
 

@@ -513,6 +513,45 @@ def test_a_producer_batch_writes_its_publishes_together_when_it_exits(pg_url, sc
         assert got == [1, 4, 5]
 
 
+def test_a_producer_batch_holds_every_kind_of_publish_in_one_transaction_in_publish_order(pg_url, schema, pg_conn):
+    from datetime import datetime, timedelta, timezone
+
+    options = {"schema": schema, "native_delayed_delivery": True, "deadletter_queue": "dead"}
+    with Connection(pg_url, transport_options=options) as c:
+        producer = Producer(c.default_channel)
+        for name, kind, queues, key in (("ex_d", "direct", ["qd"], "kd"), ("ex_t", "topic", ["qt"], "a.*"),
+                                        ("ex_f", "fanout", ["qf1", "qf2"], "")):
+            for queue in queues:
+                Queue(queue, Exchange(name, kind), routing_key=key)(producer.channel).declare()
+        Queue("q")(producer.channel).declare()
+        eta = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
+
+        def publish_all(first: int) -> None:
+            producer.publish(first, routing_key="q")
+            producer.publish(first + 1, exchange="ex_d", routing_key="kd")
+            producer.publish(first + 2, exchange="ex_t", routing_key="a.b")
+            producer.publish(first + 3, exchange="ex_f")
+            producer.publish(first + 4, routing_key="q", headers={"job_key": f"job{first}"})
+            producer.publish(first + 5, routing_key="q", headers={"eta": eta})  # delayed
+            producer.publish(first + 6, exchange="ex_d", routing_key="nowhere")  # to the dead-letter queue
+
+        with producer.batch():
+            publish_all(0)
+            assert stored(pg_conn, schema) == []  # job-keyed and routed ones too
+            producer.publish(7, routing_key="q")
+        assert stored(pg_conn, schema) == [("q", 0), ("qd", 1), ("qt", 2), ("qf1", 3), ("qf2", 3), ("q", 4),
+                                           ("q", 5), ("dead", 6), ("q", 7)]
+
+        # A row the database refuses, last, fails the whole flush: the job-keyed message too.
+        pg_conn.execute(sql.SQL("ALTER TABLE {}.messages ADD CONSTRAINT refused CHECK (payload NOT LIKE {}) NOT VALID")
+                        .format(sql.Identifier(schema), sql.Literal('%"refuse me"%')))
+        with pytest.raises(psycopg.errors.CheckViolation):
+            with producer.batch():
+                publish_all(10)
+                producer.publish(17, routing_key="q", headers={"refuse me": True})
+        assert len(stored(pg_conn, schema)) == 9
+
+
 def test_a_producer_batch_writes_every_max_size_and_drops_the_rest_when_its_block_raises(pg_url, schema, pg_conn):
     with Connection(pg_url, transport_options={"schema": schema}) as c:
         producer = Producer(c.default_channel)

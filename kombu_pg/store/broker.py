@@ -239,7 +239,7 @@ class BrokerStore:
             published = self.publish_job(first.routing_key, first.payload, first.job_key, mode=first.job_key_mode,
                                          priority=first.priority, ttl=first.ttl, serial_key=first.serial_key,
                                          visible_at=first.visible_at)
-            return published.outcome != "dropped"
+            return int(published.outcome != "dropped")
         columns = list(zip(*((m.exchange, m.routing_key, m.priority, m.payload, m.serial_key, m.visible_at,
                               m.ttl) for m in messages)))
         self._exec("publish_many", dict(

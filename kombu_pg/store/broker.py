@@ -236,9 +236,10 @@ class BrokerStore:
     def _publish_run(self, messages: Sequence[OutgoingMessage], deadletter: str | None) -> int:
         first = messages[0]
         if first.job_key is not None:
-            published = self.publish_job(first.routing_key, first.payload, first.job_key, mode=first.job_key_mode,
-                                         priority=first.priority, ttl=first.ttl, serial_key=first.serial_key,
-                                         visible_at=first.visible_at)
+            published = self.publish_job(
+                first.routing_key, first.payload, first.job_key, mode=first.job_key_mode,
+                priority=first.priority, ttl=first.ttl, serial_key=first.serial_key,
+                visible_at=first.visible_at)
             return int(published.outcome != "dropped")
         columns = list(zip(*((m.exchange, m.routing_key, m.priority, m.payload, m.serial_key, m.visible_at,
                               m.ttl) for m in messages)))

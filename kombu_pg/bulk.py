@@ -10,8 +10,9 @@ statement when the block exits, so it costs about as much as one publish:
 
     send_many(refresh.s(user_id) for user_id in user_ids)   # the fastest path
 
-All or nothing: if the block raises, nothing is published.  Messages with a job key
-(which need their own outcome) are published at once, one by one.
+All or nothing: if the block raises, nothing is published.  Every publish of the block
+joins the batch, in publish order: named exchanges, job keys, delayed messages, and the
+signatures ``send_many`` hands to ``apply_async`` too.
 
 ``send_many`` also skips most of Celery's per-call work: the first task of each shape
 (task name and options) is published by Celery itself, and the message it produced becomes
@@ -47,7 +48,7 @@ __all__ = ["batch", "send_many"]
 
 
 class _BatchChannel(Channel):
-    """A channel that collects default-exchange inserts and writes them together.
+    """A channel that holds every publish and writes them together.
 
     A batch that fits in one chunk is one statement.  A larger one is written a chunk at a
     time by a :class:`_Writer` while the caller builds the next chunk, all in one
@@ -64,17 +65,15 @@ class _BatchChannel(Channel):
 
     def basic_publish(self, message, exchange, routing_key, **kwargs):
         self.last_publish = None
-        super().basic_publish(message, exchange, routing_key, **kwargs)
+        super().basic_publish(message, exchange, routing_key, _publish_batch=self)
         self.last_publish = (message, exchange)
 
-    def _insert(self, queue, row) -> None:
-        if row.job_key is not None:
-            super()._insert(queue, row)
-            return
-        self.pending.append(row.outgoing(queue))
+    def add(self, message: OutgoingMessage) -> None:
+        """Hold one message of the batch (see :class:`kombu_pg.publish_batch.Batch`)."""
+        self.pending.append(message)
         if len(self.pending) >= self.chunk_size:
             if self.writer is None:
-                self.writer = _Writer(self.connection, self.store.schema)
+                self.writer = _Writer(self.connection, self.store.schema, self.deadletter_queue)
             self.writer.write(self._take())
 
     def _take(self) -> list[OutgoingMessage]:
@@ -84,7 +83,7 @@ class _BatchChannel(Channel):
     def commit(self) -> None:
         """Write what is pending; durable when this returns."""
         if self.writer is None:
-            write(self.store, self._take())
+            write(self.store, self._take(), deadletter=self.deadletter_queue)
         else:
             if self.pending:
                 self.writer.write(self._take())
@@ -107,8 +106,9 @@ class _Writer:
 
     _COMMIT, _ROLLBACK = object(), object()
 
-    def __init__(self, transport: Transport, schema: str) -> None:
+    def __init__(self, transport: Transport, schema: str, deadletter: str | None) -> None:
         self.store = BrokerStore(transport._connect(), schema)
+        self.deadletter = deadletter
         self.chunks: queue.Queue = queue.Queue(maxsize=1)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="kombu-pg-bulk-writer", daemon=True)
@@ -142,7 +142,7 @@ class _Writer:
                     if chunk is self._ROLLBACK:
                         told = True
                         raise _RolledBack
-                    write(self.store, chunk)
+                    write(self.store, chunk, deadletter=self.deadletter)
                 told = True
         except _RolledBack:
             pass
@@ -179,7 +179,7 @@ class _BatchProducer(Producer):
     def revive(self, channel) -> None:
         if self._channel_set:
             raise OperationalError("the connection was lost during a kombu-pg batch: nothing in it "
-                                   "was published (messages with a job key are published at once)")
+                                   "was published")
         super().revive(channel)
 
     def maybe_declare(self, entity, retry=False, **retry_policy):
@@ -289,7 +289,7 @@ class _Template:
         # The template's delivery tag is kept: a claim replaces it with the claim's own.
         message = dict(self.message, body=body, headers=headers,
                        properties=dict(self.properties, correlation_id=task_id))
-        channel._insert(self.queue, channel._row(message))
+        channel.add(channel._row(message).outgoing(self.queue))
         if not self.ignored:
             self.app.backend.on_task_call(producer, task_id)
         result = self.result_cls(task_id)

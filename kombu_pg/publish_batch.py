@@ -7,13 +7,14 @@
 Each publish is checked and routed as usual, then held; the batch writes what it holds
 in one statement (one commit) every ``max_size`` messages and when the outermost block
 exits.  If the block raises, what was not written yet is dropped (Kombu's contract).
-Messages with a job key are published at once: each has its own outcome.
+Messages with a job key are held too, and written in their place (see
+:meth:`BrokerStore.publish_many`); their outcome is not reported.
 """
 
 from __future__ import annotations
 
 from time import monotonic
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 from . import metrics
 from .store import BrokerStore
@@ -21,6 +22,12 @@ from .store.broker import OutgoingMessage
 
 if TYPE_CHECKING:
     from .transport import Channel
+
+
+class Batch(Protocol):
+    """What ``Channel.basic_publish`` hands a batched publish's message to."""
+
+    def add(self, message: OutgoingMessage) -> None: ...
 
 
 class PublishBatch:
@@ -55,11 +62,12 @@ class PublishBatch:
 
 
 def write(store: BrokerStore, messages: Sequence[OutgoingMessage], *, deadletter: str | None = None) -> None:
-    """Insert ``messages`` in one statement, counted in the publish metrics."""
+    """Insert ``messages`` in publish order in one transaction, counted in the publish metrics."""
     started = monotonic()
     count = store.publish_many(messages, deadletter=deadletter)
     seconds = monotonic() - started
     serial = sum(1 for m in messages if m.serial_key is not None)
-    for is_serial, n in ((True, serial), (False, count - serial)):
+    # (A job key's "keep" may have dropped some: never count below zero.)
+    for is_serial, n in ((True, serial), (False, max(count - serial, 0))):
         if n:
             metrics.published(is_serial, seconds, n)

@@ -32,9 +32,9 @@ from kombu.utils.scheduling import FairCycle
 
 from . import metrics
 from .config import Options, build_conninfo, redact
-from .publish_batch import PublishBatch
+from .publish_batch import Batch, PublishBatch
 from .store import JOB_KEY_MODES, BrokerStore, Claimed, JobPublish, apply_migrations, check_version, connect
-from .store.broker import DUE_PREFIX, JOB_KEY_HEADER, JOB_KEY_MODE_HEADER, SERIAL_KEY_HEADER, OutgoingMessage
+from .store.broker import JOB_KEY_HEADER, JOB_KEY_MODE_HEADER, SERIAL_KEY_HEADER, OutgoingMessage
 from .store.routing import check_queue_name, topic_pattern
 from .store.wakeups import Listener, NotifyDebouncer, RouteKey
 
@@ -225,12 +225,14 @@ class Channel(virtual.Channel):
 
     # -- publish ----------------------------------------------------------------
 
-    def basic_publish(self, message, exchange, routing_key, _publish_batch: PublishBatch | None = None,
+    def basic_publish(self, message, exchange, routing_key, _publish_batch: Batch | None = None,
                       **kwargs):
         """Route, insert and notify in one statement; durable on return.
 
         NOTIFYs are debounced per route (exchange, routing key), see :class:`NotifyDebouncer`.
-        Inside Kombu's ``Producer.batch()`` the message is checked, then held by the batch.
+        With ``_publish_batch`` (Kombu's ``Producer.batch()``, kombu_pg.bulk) the message is
+        checked, then held by the batch, whatever its exchange or job key: the batch writes
+        its messages in publish order, in one transaction.
         """
         if self.connection is None:
             # Closed under us (a reconnect inside a retried declare): a connection error
@@ -243,7 +245,7 @@ class Channel(virtual.Channel):
             if not queue:
                 # AMQP would drop it silently; refusing keeps the message with its sender.
                 raise ValueError("publish to the default exchange needs a routing key (the queue name)")
-            if _publish_batch is not None and row.job_key is None:
+            if _publish_batch is not None:
                 check_queue_name(queue)
                 _publish_batch.add(row.outgoing(queue))
             else:
@@ -562,7 +564,8 @@ class Transport(virtual.Transport):
     def listener(self) -> Listener:
         with self._lock:
             if self._listener is None:
-                self._listener = Listener(self.conninfo, self.work_store().channel)
+                work = self.work_store()
+                self._listener = Listener(self.conninfo, work.channel, work.due_channel, self._on_due)
             return self._listener
 
     def _drop_sessions(self) -> None:
@@ -872,16 +875,12 @@ class Transport(virtual.Transport):
                 self._due_timer.cancel()
             self._due_timer = self._hub.call_later(max(seconds, 0.0), self.promote_due)
 
-    def _take_notifications(self, payloads: set[str]) -> None:
-        active = self._active_queues()
-        for payload in payloads:
-            if payload.startswith(DUE_PREFIX):
-                try:
-                    self._note_due(float(payload[len(DUE_PREFIX):]) - time.time())
-                except ValueError:
-                    pass
-            elif payload in active:
-                self._pending.add(payload)
+    def _on_due(self, epoch: float) -> None:
+        """A delayed message was published, due at ``epoch`` (the listener's due channel)."""
+        self._note_due(epoch - time.time())
+
+    def _take_notifications(self, queues: set[str]) -> None:
+        self._pending.update(queues & self._active_queues())
 
     # -- event loop (Celery's hub) --------------------------------------------------------
 
@@ -978,7 +977,7 @@ class _Row:
     def outgoing(self, routing_key: str, *, exchange: str = "") -> OutgoingMessage:
         """This message as one row of a many-message insert."""
         return OutgoingMessage(routing_key, self.payload, self.priority, self.ttl, self.serial_key,
-                               self.visible_at, exchange)
+                               self.visible_at, exchange, self.job_key, self.job_key_mode)
 
 
 def _key(value: Any) -> str | None:

@@ -1,6 +1,7 @@
 """The Celery app the end-to-end tests run in a real worker subprocess.
 
-Configured from the environment (KOMBU_PG_URL, KOMBU_PG_SCHEMA); tasks write what they
+Configured from the environment (KOMBU_PG_URL, KOMBU_PG_SCHEMA; optionally NATIVE_DELAY,
+RECOVERY_INTERVAL, POLLING_INTERVAL, PREFETCH_MULTIPLIER, TASK_QUEUE); tasks write what they
 did to ``<schema>.task_log`` so tests can check it with SQL.
 """
 
@@ -18,8 +19,10 @@ SCHEMA = os.environ["KOMBU_PG_SCHEMA"]
 app = Celery("celery_app", broker=URL)
 app.conf.broker_transport_options = {
     "schema": SCHEMA,
-    "recovery_interval": 0.5,
+    # A test that must tell a NOTIFY wake-up from a poll makes both intervals long.
+    "recovery_interval": float(os.environ.get("RECOVERY_INTERVAL", "0.5")),
     "native_delayed_delivery": os.environ.get("NATIVE_DELAY") == "1",
+    **({"polling_interval": float(os.environ["POLLING_INTERVAL"])} if "POLLING_INTERVAL" in os.environ else {}),
 }
 app.conf.worker_prefetch_multiplier = int(os.environ.get("PREFETCH_MULTIPLIER", "4"))
 app.conf.task_default_queue = os.environ.get("TASK_QUEUE", "celery")

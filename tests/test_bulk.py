@@ -6,8 +6,11 @@ import gc
 import json
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 
+import kombu
 import kombu.exceptions
+import psycopg
 import pytest
 from celery import Celery, Task, group, signals
 from psycopg import sql
@@ -53,13 +56,14 @@ def test_a_batch_larger_than_max_size_is_still_all_or_nothing(app, pg_conn, sche
     app.send_task("warm.up")
     with batch(app, max_size=10) as producer:
         group(app.signature("t", (i,)) for i in range(25)).apply_async(producer=producer)
-        app.send_task("t", headers={"job_key": "once"}, producer=producer)
-        assert rows(pg_conn, schema, "job_key") == [None, "once"]  # job keys go at once
+        app.send_task("t", ("once",), headers={"job_key": "once"}, producer=producer)
+        assert rows(pg_conn, schema, "job_key") == [None]  # a job key joins the batch too
         more = [app.send_task("t", (i,), producer=producer) for i in range(25, 40)]
     assert rows(pg_conn, schema, "job_key").count("once") == 1
     payloads = [json.loads(p) for p in rows(pg_conn, schema)[1:]]
-    in_order = [p["headers"]["argsrepr"] for p in payloads if not p["headers"].get("job_key")]
-    assert in_order == [f"({i},)" for i in range(40)]  # ids follow publish order across chunks
+    in_order = [p["headers"]["argsrepr"] for p in payloads]
+    # ids follow publish order across chunks
+    assert in_order == [f"({i},)" for i in range(25)] + ["('once',)"] + [f"({i},)" for i in range(25, 40)]
     assert payloads[-1]["headers"]["id"] == more[-1].id
 
     with pytest.raises(KeyError):
@@ -127,21 +131,31 @@ def test_max_size_must_be_a_positive_integer(app):
                 pass
 
 
-def test_one_notify_per_queue_and_due_times_announced(app, pg_url, schema):
+def test_one_notify_per_queue_and_due_times_announced(app, pg_url, pg_conn, schema):
     app.conf.broker_transport_options = {"schema": schema, "native_delayed_delivery": True}
     app.send_task("warm.up")
-    listener = Listener(pg_url, f"{schema}:queues")
+    due = []
+    listener = Listener(pg_url, f"{schema}:queues", f"{schema}:due", due.append)
     try:
         send_many([app.signature("t", (i,)) for i in range(20)] +
                   [app.signature("t", (i,), queue="other") for i in range(5)] +
-                  [app.signature("t", countdown=3600)])
-        seen = listener.wait(5)
-        while more := listener.wait(0.2):
-            seen |= more
-        assert {p for p in seen if not p.startswith("@")} == {"celery", "other"}
-        assert len([p for p in seen if p.startswith("@")]) == 1
+                  [app.signature("t", countdown=3600), app.signature("t", countdown=7200)])
+        assert notified_until_marker(listener, pg_conn) == ["celery", "other"]
+        assert len(due) == 1 and 3500 < due[0] - time.time() <= 3600  # the earliest, once
     finally:
         listener.close()
+
+
+def notified_until_marker(listener: Listener, pg_conn) -> list[str]:
+    """Queue names notified so far: NOTIFYs arrive in commit order, so once a marker sent
+    now arrives, every NOTIFY committed before it has too."""
+    pg_conn.execute("SELECT pg_notify(%s, 'marker')", (listener.channel,))
+    seen: set[str] = set()
+    deadline = time.monotonic() + 10
+    while "marker" not in seen and time.monotonic() < deadline:
+        seen |= listener.wait(1)
+    assert "marker" in seen, f"the marker NOTIFY never arrived; got {seen}"
+    return sorted(seen - {"marker"})
 
 
 def test_send_many_leaves_the_cyclic_gc_as_it_found_it(app, add):
@@ -270,3 +284,97 @@ def test_send_many_gives_each_delayed_task_its_own_eta(app, add, pg_conn, schema
     assert CountingTask.built == 2
     etas = [m["headers"]["eta"] for m in messages(pg_conn, schema)[1:]]
     assert all(etas) and len(etas) == 2
+
+
+# -- every publish joins the batch: routed, job-keyed, delayed, fallback ----------------------
+
+
+class PeekingTask(Task):
+    """Calls ``peek`` whenever Celery itself builds one of its messages (a fallback)."""
+
+    peek = staticmethod(lambda: None)
+
+    def apply_async(self, *args, **kwargs):
+        PeekingTask.peek()
+        return super().apply_async(*args, **kwargs)
+
+
+@pytest.fixture
+def mixed(app, pg_conn, schema):
+    """A batch of every kind of publish, and the queue/argument pairs it stores, in order.
+
+    Named exchanges are fallbacks (Celery builds each message); so are the delayed ones
+    and those with a link; a job key and plain signatures are templated.
+    """
+    app.conf.broker_transport_options = {"schema": schema, "native_delayed_delivery": True,
+                                         "deadletter_queue": "dead"}
+    app.conf.task_create_missing_queues = True
+
+    @app.task(name="tests.peek", base=PeekingTask, shared=False)
+    def peek(x):
+        return x
+
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        for name, kind, queues, key in (("ex_direct", "direct", ["qd"], "kd"), ("ex_topic", "topic", ["qt"], "a.*"),
+                                        ("ex_fan", "fanout", ["qf1", "qf2"], "")):
+            exchange = kombu.Exchange(name, kind)
+            for queue in queues:
+                kombu.Queue(queue, exchange, routing_key=key)(channel).declare()
+        kombu.Queue("celery")(channel).declare()
+    app.send_task("warm.up")
+    eta = datetime.now(timezone.utc) + timedelta(hours=1)
+    sigs_and_rows = [
+        (peek.s(0), [("celery", 0)]),
+        (peek.s(1), [("celery", 1)]),  # templated
+        (peek.s(2).set(exchange="ex_direct", routing_key="kd"), [("qd", 2)]),
+        (peek.s(3).set(exchange="ex_topic", routing_key="a.b"), [("qt", 3)]),
+        (peek.s(4).set(exchange="ex_fan", routing_key="x"), [("qf1", 4), ("qf2", 4)]),
+        (peek.s(5).set(headers={"job_key": "k5"}), [("celery", 5)]),
+        (peek.s(6).set(countdown=3600), [("celery", 6)]),
+        (peek.s(7).set(eta=eta), [("celery", 7)]),
+        (peek.s(8).set(exchange="ex_direct", routing_key="nowhere"), [("dead", 8)]),  # unroutable
+        (peek.s(9).set(headers={"job_key": "k9"}), [("celery", 9)]),  # templated job key
+        (peek.s(10).set(link=peek.s(0)), [("celery", 10)]),
+        (peek.s(11), [("celery", 11)]),
+    ]
+    return peek, [sig for sig, _ in sigs_and_rows], [row for _, rows in sigs_and_rows for row in rows]
+
+
+def stored_args(pg_conn, schema) -> list[tuple[str, object]]:
+    return [(queue, json.loads(payload)["headers"]["argsrepr"])
+            for queue, payload in pg_conn.execute(sql.SQL("SELECT queue, payload FROM {}.messages ORDER BY id")
+                                                  .format(sql.Identifier(schema)))]
+
+
+@pytest.mark.parametrize("max_size", [4, 1000])  # with and without the writer thread
+def test_every_kind_of_publish_waits_for_the_batch_and_keeps_publish_order(app, pg_conn, schema, mixed, max_size):
+    peek, sigs, expected = mixed
+    seen = []
+    PeekingTask.peek = lambda: seen.append(len(stored_args(pg_conn, schema)))
+    try:
+        results = send_many(sigs + [peek.s(12)], max_size=max_size)
+    finally:
+        PeekingTask.peek = staticmethod(lambda: None)
+    assert len(seen) >= 8 and set(seen) == {1}  # only warm.up, whenever a fallback was built
+    assert stored_args(pg_conn, schema)[1:] == [(q, f"({n},)") for q, n in expected + [("celery", 12)]]
+    assert len({r.id for r in results}) == len(sigs) + 1
+    delayed = pg_conn.execute(sql.SQL("SELECT count(*) FROM {}.messages WHERE visible_at IS NOT NULL")
+                              .format(sql.Identifier(schema))).fetchone()[0]
+    assert delayed == 2
+
+
+@pytest.mark.parametrize("max_size", [4, 1000])
+@pytest.mark.parametrize("failure", ["argument check", "row refused by the database"])
+def test_a_failure_anywhere_in_the_batch_leaves_no_row_of_it(app, pg_conn, schema, mixed, max_size, failure):
+    peek, sigs, _ = mixed
+    if failure == "argument check":
+        last, error = peek.s(), TypeError  # a templated signature, checked at publish
+    else:
+        # (DDL takes no parameters: the pattern is a quoted literal.)
+        pg_conn.execute(sql.SQL("ALTER TABLE {}.messages ADD CONSTRAINT refused CHECK (payload NOT LIKE {}) NOT VALID")
+                        .format(sql.Identifier(schema), sql.Literal("%refuse me%")))
+        last, error = peek.s("refuse me"), psycopg.errors.CheckViolation
+    with pytest.raises(error):
+        send_many(sigs + [last], max_size=max_size)
+    assert stored_args(pg_conn, schema) == [("celery", "()")]  # warm.up alone

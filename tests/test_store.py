@@ -192,6 +192,29 @@ def test_publish_many_routes_like_single_publishes_in_one_statement(store, pg_co
     assert store.size("dead") == 1
 
 
+def test_publish_many_writes_job_keys_in_their_place_in_one_transaction(store, pg_conn):
+    def stored():
+        return pg_conn.execute(sql.SQL("SELECT payload, job_key FROM {}.messages ORDER BY id").format(
+            sql.Identifier(store.schema))).fetchall()
+
+    store.publish("q", "waiting")
+    store.publish_job("q", '{"headers": {"id": "old"}}', "k1")  # replacing reads its task id
+    assert store.publish_many([OutgoingMessage("q", "1"), OutgoingMessage("q", "2", job_key="k2"),
+                               OutgoingMessage("q", "3"), OutgoingMessage("q", "new", job_key="k1"),
+                               OutgoingMessage("q", "dropped", job_key="k2", job_key_mode="keep"),
+                               OutgoingMessage("q", "4")]) == 5
+    # k1's waiting message was replaced in place (it keeps its id); the rest in publish order.
+    assert stored() == [("waiting", None), ("new", "k1"), ("1", None), ("2", "k2"), ("3", None), ("4", None)]
+
+    pg_conn.execute(sql.SQL("ALTER TABLE {}.messages ADD CONSTRAINT refused CHECK (payload <> 'refused') NOT VALID")
+                    .format(sql.Identifier(store.schema)))
+    with pytest.raises(psycopg.errors.CheckViolation):
+        store.publish_many([OutgoingMessage("q", "5"), OutgoingMessage("q", "6", job_key="k6"),
+                            OutgoingMessage("q", "refused")])
+    assert len(stored()) == 6  # the job-keyed one went with the rest
+    assert store.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
 def test_recovery_frees_a_terminated_consumers_messages(pg_url, store):
     victim_conn = connect(pg_url)
     victim = BrokerStore(victim_conn, store.schema)

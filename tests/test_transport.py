@@ -467,7 +467,7 @@ def test_routed_publishes_are_debounced_and_what_they_owe_names_the_bound_queues
 def test_a_delayed_routed_publish_always_announces_its_due_time(pg_url, schema, pg_conn):
     from datetime import datetime, timedelta, timezone
 
-    channel = f"{schema}:queues"
+    channel = f"{schema}:due"
     options = {"schema": schema, "notify_debounce": 60.0, "native_delayed_delivery": True}
     with psycopg.connect(pg_url, autocommit=True) as listening, Connection(pg_url, transport_options=options) as c:
         listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
@@ -478,7 +478,7 @@ def test_a_delayed_routed_publish_always_announces_its_due_time(pg_url, schema, 
             eta = (datetime.now(timezone.utc) + timedelta(hours=hours)).isoformat()
             publisher.publish("x", routing_key="later", headers={"eta": eta})
         payloads = _notifications_until_marker(listening, pg_conn, channel)
-    assert len(payloads) == 2 and all(p.startswith("@") for p in payloads)
+    assert len(payloads) == 2 and all(float(p) > time.time() for p in payloads)
 
 
 # -- Kombu's Producer.batch() ----------------------------------------------------------------
@@ -502,15 +502,54 @@ def test_a_producer_batch_writes_its_publishes_together_when_it_exits(pg_url, sc
             producer.publish(1, routing_key="direct")
             producer.publish(2, exchange=fan)
             producer.publish(3, exchange="nowhere", routing_key="x")  # unroutable: dropped
-            producer.publish(4, routing_key="direct", headers={"job_key": "once"})  # at once
-            assert stored(pg_conn, schema) == [("direct", 4)]
+            producer.publish(4, routing_key="direct", headers={"job_key": "once"})  # held too
+            assert stored(pg_conn, schema) == []
             producer.publish(5, routing_key="direct")
-        assert stored(pg_conn, schema) == [("direct", 4), ("direct", 1), ("a", 2), ("b", 2), ("direct", 5)]
+        assert stored(pg_conn, schema) == [("direct", 1), ("a", 2), ("b", 2), ("direct", 4), ("direct", 5)]
         got = []
         with Consumer(c, [Queue("direct")], callbacks=[lambda body, message: got.append(body) or message.ack()]):
             while len(got) < 3:
                 c.drain_events(timeout=10)
-        assert got == [4, 1, 5]
+        assert got == [1, 4, 5]
+
+
+def test_a_producer_batch_holds_every_kind_of_publish_in_one_transaction_in_publish_order(pg_url, schema, pg_conn):
+    from datetime import datetime, timedelta, timezone
+
+    options = {"schema": schema, "native_delayed_delivery": True, "deadletter_queue": "dead"}
+    with Connection(pg_url, transport_options=options) as c:
+        producer = Producer(c.default_channel)
+        for name, kind, queues, key in (("ex_d", "direct", ["qd"], "kd"), ("ex_t", "topic", ["qt"], "a.*"),
+                                        ("ex_f", "fanout", ["qf1", "qf2"], "")):
+            for queue in queues:
+                Queue(queue, Exchange(name, kind), routing_key=key)(producer.channel).declare()
+        Queue("q")(producer.channel).declare()
+        eta = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
+
+        def publish_all(first: int) -> None:
+            producer.publish(first, routing_key="q")
+            producer.publish(first + 1, exchange="ex_d", routing_key="kd")
+            producer.publish(first + 2, exchange="ex_t", routing_key="a.b")
+            producer.publish(first + 3, exchange="ex_f")
+            producer.publish(first + 4, routing_key="q", headers={"job_key": f"job{first}"})
+            producer.publish(first + 5, routing_key="q", headers={"eta": eta})  # delayed
+            producer.publish(first + 6, exchange="ex_d", routing_key="nowhere")  # to the dead-letter queue
+
+        with producer.batch():
+            publish_all(0)
+            assert stored(pg_conn, schema) == []  # job-keyed and routed ones too
+            producer.publish(7, routing_key="q")
+        assert stored(pg_conn, schema) == [("q", 0), ("qd", 1), ("qt", 2), ("qf1", 3), ("qf2", 3), ("q", 4),
+                                           ("q", 5), ("dead", 6), ("q", 7)]
+
+        # A row the database refuses, last, fails the whole flush: the job-keyed message too.
+        pg_conn.execute(sql.SQL("ALTER TABLE {}.messages ADD CONSTRAINT refused CHECK (payload NOT LIKE {}) NOT VALID")
+                        .format(sql.Identifier(schema), sql.Literal('%"refuse me"%')))
+        with pytest.raises(psycopg.errors.CheckViolation):
+            with producer.batch():
+                publish_all(10)
+                producer.publish(17, routing_key="q", headers={"refuse me": True})
+        assert len(stored(pg_conn, schema)) == 9
 
 
 def test_a_producer_batch_writes_every_max_size_and_drops_the_rest_when_its_block_raises(pg_url, schema, pg_conn):

@@ -76,7 +76,7 @@ WITH inserted AS (
     FROM (VALUES (1)) AS one (x) LEFT JOIN {schema}.queues q ON q.name = %(queue)s
     RETURNING queue
 )
-SELECT CASE WHEN %(notify)s THEN pg_notify(%(channel)s, coalesce(%(notify_payload)s, queue)) END
+SELECT CASE WHEN %(notify)s THEN pg_notify(%(notify_channel)s, coalesce(%(notify_payload)s, queue)) END
 FROM inserted
 
 -- name: publish_routed
@@ -100,7 +100,7 @@ WITH targets AS (
     FROM targets t LEFT JOIN {schema}.queues q ON q.name = t.queue
     RETURNING queue
 )
-SELECT queue, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, coalesce(%(notify_payload)s, queue)) END
+SELECT queue, CASE WHEN %(notify)s THEN pg_notify(%(notify_channel)s, coalesce(%(notify_payload)s, queue)) END
 FROM inserted
 
 -- name: claim
@@ -318,7 +318,7 @@ RETURNING xmax = 0 AS inserted,
           replaced_task_id,
           EXISTS (SELECT 1 FROM {schema}.messages f
                   WHERE f.job_key = %(job_key)s AND f.lock_token IS NOT NULL) AS behind_in_flight,
-          pg_notify(%(channel)s, coalesce(%(notify_payload)s, queue)) AS notified
+          pg_notify(%(notify_channel)s, coalesce(%(notify_payload)s, queue)) AS notified
 
 -- name: publish_many
 -- Many messages in one statement (bulk publish): parallel arrays, one element per message.
@@ -362,6 +362,6 @@ WITH rows AS (
 SELECT pg_notify(%(channel)s, queue)
 FROM (SELECT DISTINCT queue FROM inserted WHERE visible_at IS NULL) q
 UNION ALL
--- Delayed ones: announce the earliest due time once (see due_payload).
-SELECT pg_notify(%(channel)s, '@' || extract(epoch FROM min(visible_at))::text)
+-- Delayed ones: announce the earliest due time once, on the due channel (see due_payload).
+SELECT pg_notify(%(due_channel)s, extract(epoch FROM min(visible_at))::text)
 FROM inserted WHERE visible_at IS NOT NULL HAVING count(*) > 0

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Iterable, Sequence
 
 import psycopg
+from psycopg.pq import TransactionStatus
 
 from .queries import Queries
 
@@ -39,6 +40,9 @@ class OutgoingMessage:
     serial_key: str | None = None
     visible_at: datetime | None = None
     exchange: str = ""
+    #: A job key (default exchange only) makes this one upsert, as :meth:`BrokerStore.publish_job`.
+    job_key: str | None = None
+    job_key_mode: str = "replace"
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,10 @@ class BrokerStore:
         self.schema = schema
         #: NOTIFY channel for "queue X has work"; the payload is the queue name.
         self.channel = f"{schema}:queues"
+        #: NOTIFY channel for "a delayed message is due then"; the payload is epoch seconds.
+        #: A channel of its own: any string can be a queue name, so no payload on the
+        #: queue channel could mean something else.
+        self.due_channel = f"{schema}:due"
         self._namespace = schema
         self._serial_namespace = f"{schema}:serial"
         self._dlq: Queries | None = None
@@ -168,8 +176,8 @@ class BrokerStore:
     def _message_params(self, payload: str, priority: int, ttl: float | None, serial_key: str | None,
                         visible_at: datetime | None, **extra) -> dict:
         return dict(payload=payload, priority=priority, ttl=ttl, serial_key=serial_key,
-                    visible_at=visible_at, notify_payload=due_payload(visible_at), channel=self.channel,
-                    **extra)
+                    visible_at=visible_at, notify_payload=due_payload(visible_at),
+                    notify_channel=self.channel if visible_at is None else self.due_channel, **extra)
 
     def publish(
         self,
@@ -185,7 +193,8 @@ class BrokerStore:
         """Insert one message; durable when this returns (autocommit).
 
         A ``visible_at`` in the future delays delivery until then (see :meth:`promote_due`);
-        the NOTIFY then says when (:func:`due_payload`) instead of naming the queue.
+        the NOTIFY then says when (:func:`due_payload`, on :attr:`due_channel`) instead of
+        naming the queue.
         """
         self._exec("publish", self._message_params(payload, priority, ttl, serial_key, visible_at,
                                                    queue=queue, notify=notify))
@@ -208,20 +217,36 @@ class BrokerStore:
         return [r[0] for r in self._exec("publish_routed", params).fetchall()]
 
     def publish_many(self, messages: Sequence[OutgoingMessage], *, deadletter: str | None = None) -> int:
-        """Insert many messages in one statement (one commit); wake each queue once.
+        """Insert many messages, in publish order and in one transaction (one commit).
 
-        A routed message no binding matches goes to ``deadletter`` if given, else nowhere.
-        Delayed messages (``visible_at`` in the future) are announced with their earliest
-        due time.
+        Messages without a job key are one statement that wakes each queue once; when some
+        have one, each of those is an upsert of its own (:meth:`publish_job`) between the
+        statements for the messages before and after it, and all of it commits together
+        (or, inside the caller's transaction, with it).  A routed message no binding
+        matches goes to ``deadletter`` if given, else nowhere.  Delayed messages
+        (``visible_at`` in the future) are announced with their earliest due time.
+        Returns how many were published (a job key's ``keep`` may drop one).
         """
-        if not messages:
-            return 0
+        runs = _runs(messages)
+        if len(runs) <= 1 or self.conn.info.transaction_status != TransactionStatus.IDLE:
+            return sum(self._publish_run(run, deadletter) for run in runs)
+        with self.conn.transaction():
+            return sum(self._publish_run(run, deadletter) for run in runs)
+
+    def _publish_run(self, messages: Sequence[OutgoingMessage], deadletter: str | None) -> int:
+        first = messages[0]
+        if first.job_key is not None:
+            published = self.publish_job(
+                first.routing_key, first.payload, first.job_key, mode=first.job_key_mode,
+                priority=first.priority, ttl=first.ttl, serial_key=first.serial_key,
+                visible_at=first.visible_at)
+            return int(published.outcome != "dropped")
         columns = list(zip(*((m.exchange, m.routing_key, m.priority, m.payload, m.serial_key, m.visible_at,
                               m.ttl) for m in messages)))
         self._exec("publish_many", dict(
             exchanges=list(columns[0]), routing_keys=list(columns[1]), priorities=list(columns[2]),
             payloads=list(columns[3]), serial_keys=list(columns[4]), visible_ats=list(columns[5]),
-            ttls=list(columns[6]), deadletter=deadletter, channel=self.channel))
+            ttls=list(columns[6]), deadletter=deadletter, channel=self.channel, due_channel=self.due_channel))
         return len(messages)
 
     def publish_job(
@@ -402,12 +427,21 @@ class BrokerStore:
         return report
 
 
-#: NOTIFY payloads starting with this announce a delayed message: "@<epoch seconds>".
-DUE_PREFIX = "@"
-
-
 def due_payload(visible_at: datetime | None) -> str | None:
-    return None if visible_at is None else f"{DUE_PREFIX}{visible_at.timestamp():.3f}"
+    """What a delayed message's NOTIFY on the due channel says: its due time, epoch seconds."""
+    return None if visible_at is None else f"{visible_at.timestamp():.3f}"
+
+
+def _runs(messages: Sequence[OutgoingMessage]) -> list[Sequence[OutgoingMessage]]:
+    """``messages`` cut, in order, into runs without a job key and single keyed messages."""
+    runs: list[Sequence[OutgoingMessage]] = []
+    start = 0
+    for i, message in enumerate(messages):
+        if message.job_key is not None:
+            runs += [messages[start:i], [message]]
+            start = i + 1
+    runs.append(messages[start:])
+    return [run for run in runs if run]
 
 
 def _dicts(cursor: psycopg.Cursor) -> list[dict]:

@@ -179,9 +179,10 @@ class ResultStore:
     def set_chord_size(self, group_id: str, size: int, *, expires: float | None = None) -> None:
         self._exec("chord_size", dict(group_id=group_id, size=size, expires=expires))
 
-    def chord_add(self, group_id: str, *, expires: float | None = None) -> None:
-        """One more part (``Task.add_to_chord``) must return before the body is sent."""
-        self._exec("chord_add", {"group_id": group_id, "expires": expires})
+    def chord_add(self, group_id: str, task_id: str, *, expires: float | None = None) -> None:
+        """One more part, task ``task_id`` (``Task.add_to_chord``), must return before the
+        body is sent.  Counted once per ``task_id``: safe to run again after a lost reply."""
+        self._exec("chord_add", {"group_id": group_id, "task_id": task_id, "expires": expires})
 
     def chord_part_return(
         self,

@@ -147,6 +147,18 @@ def test_malformed_url_is_refused(make_app):
         app.backend
 
 
+def test_multi_host_url_is_shown_without_its_password(make_app):
+    # urllib (Kombu's and Celery's sanitizers) cannot parse "5432,h2:5433" as a port: the
+    # worker's banner and log lines must not crash on such a URL, nor show the password.
+    url = "postgresql://u:s3cret@h1:5432,h2:5433/db?target_session_attrs=read-write&password=s3cret"
+    app = make_app(url)
+    app.conf.broker_url = url
+    shown = "postgresql://u:**@h1:5432,h2:5433/db?target_session_attrs=read-write&password=**"
+    assert app.backend.as_uri() == shown
+    assert app.connection_for_write().as_uri() == shown
+    assert app.backend.as_uri(include_password=True) == url
+
+
 def test_auto_migrate_off_refuses_an_unmigrated_schema(make_app):
     app = make_app(options={"auto_migrate": False})
     with pytest.raises(MigrationError, match="version 0"):
@@ -657,7 +669,7 @@ def test_reapplied_chord_fires_again(chord_app):
     assert app.received == [[0, 0], [1, 1]]
 
 
-def test_add_to_chord_retried_after_a_lost_reply_counts_the_task_once(chord_app, pg_conn, monkeypatch):
+def test_add_to_chord_retried_after_a_lost_reply_counts_it_once(chord_app, pg_conn, monkeypatch):
     """chord_add commits, then its session dies before the reply arrives: the backend
     runs it again on a new connection, which must not raise the chord's target twice
     (the body would wait for a part that never comes)."""

@@ -200,7 +200,8 @@ WITH gone AS (
     DELETE FROM {schema}.chord_parts WHERE group_id = %(group_id)s
 )
 UPDATE {schema}.chords
-SET header = NULL, task_ids = NULL, added = NULL, expires_at = now() + make_interval(secs => %(expires)s)
+SET header = NULL, task_ids = NULL, added = NULL,
+    expires_at = now() + make_interval(secs => %(expires)s)
 WHERE group_id = %(group_id)s
 
 -- name: cleanup_results

@@ -161,10 +161,12 @@ def test_worker_and_client_follow_the_primary_to_the_other_host(servers, roles, 
         # goes to A (read-only) when the producer's session was kept; the publish retry
         # reconnects to B and the caller sees no error.
         task_id = str(uuid.uuid4())
-        sender = _Thread(lambda: (
-            wait_until(lambda: _listening(servers.b, schema), timeout=TIMEOUT, what="a waiter on B"),
-            client.send_task("backend_app.add", (20, 22), task_id=task_id),
-        ))
+
+        def send_once_the_waiter_listens_on_b() -> None:
+            wait_until(lambda: _listening(servers.b, schema), timeout=TIMEOUT, what="a waiter on B")
+            client.send_task("backend_app.add", (20, 22), task_id=task_id)
+
+        sender = _Thread(send_once_the_waiter_listens_on_b)
         assert client.AsyncResult(task_id).get(timeout=TIMEOUT) == 42
         sender.result()
         results = [client.send_task("backend_app.add", (i, i)) for i in range(5)]

@@ -37,6 +37,7 @@ from kombu.serialization import loads
 from kombu.utils.compat import register_after_fork
 from kombu.utils.encoding import bytes_to_str
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.errors import ReadOnlySqlTransaction
 
 from .config import (
     DEFAULT_SCHEMA,
@@ -45,18 +46,20 @@ from .config import (
     Options,
     build_conninfo,
     redact,
+    sanitize_url,
     validate_schema,
 )
 from .store.connect import connect
-from .store.migrations import MigrationError, apply_migrations, current_version
+from .store.migrations import MigrationError, all_migrations, apply_migrations, current_version
 from .store.results import CLEANUP_BATCH, ResultListener, ResultStore
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: The migration that creates the result tables.
-RESULTS_SCHEMA_VERSION = 2
+#: The last migration the result backend's SQL needs (found by name: numbers can shift
+#: when migrations are merged): the one that lets chord_add count an added task once.
+RESULTS_SCHEMA_VERSION = next(m.version for m in all_migrations() if m.name == "chord_add_once")
 
 #: How long a fired chord's row is kept (to ignore late copies of header tasks) when
 #: neither result_chord_expires nor result_expires is set.
@@ -69,7 +72,11 @@ _COLUMN_KEYS = frozenset(
 )
 _EXTENDED_KEYS = ("name", "args", "kwargs", "worker", "retries", "queue")
 
-_CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+# Errors after which a session is given up for a new one.  A server that turned read-only
+# (a primary demoted to a standby, default_transaction_read_only turned on) refuses every
+# write of the session; a new connection reaches the new primary when the URL lists
+# several hosts with target_session_attrs=read-write.  The refused write did not commit.
+_CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, ReadOnlySqlTransaction)
 
 # Schemas known to be migrated, per (conninfo, schema), for this process.
 _READY_SCHEMAS: set[tuple[str, str]] = set()
@@ -284,17 +291,24 @@ class PostgresBackend(BaseBackend):
 
     def _run(self, op: Callable[[ResultStore], T]) -> T:
         """Run ``op`` on this thread's store; once more on a fresh connection when the
-        connection turns out to be dead (idle timeout, server restart, terminated)."""
+        session turns out to be dead (idle timeout, server restart, terminated) or on a
+        server that turned read-only.  A write refused as read-only did not commit; a read
+        answered by a server that turned read-only may be stale, so it is made again."""
         store = self._store()
         try:
-            return op(store)
+            value = op(store)
         except _CONNECTION_ERRORS as exc:
-            if not (store.conn.closed or store.conn.broken):
+            lost = store.conn.closed or store.conn.broken or isinstance(exc, ReadOnlySqlTransaction)
+            if not lost:
                 raise
-            logger.warning("kombu-pg result backend: connection lost (%s); reconnecting", exc)
-            self._discard(store.conn)
-            self._local.store = None
-            return op(self._store())
+            reason: object = exc
+        else:
+            if not store.turned_read_only():
+                return value
+            reason = "the server turned read-only"
+        logger.warning("kombu-pg result backend: session lost (%s); reconnecting", reason)
+        self._drop_sessions()
+        return op(self._store())
 
     def _listener(self) -> ResultListener:
         local = self._thread_state()
@@ -315,11 +329,18 @@ class PostgresBackend(BaseBackend):
     def exception_safe_to_retry(self, exc: BaseException) -> bool:
         return isinstance(exc, _CONNECTION_ERRORS)
 
-    def on_backend_retryable_error(self, exc: BaseException) -> None:
+    def _drop_sessions(self) -> None:
+        """Give up this thread's data and listening connections.  Both go: a listening
+        session left on a server that turned read-only would never hear the new primary's
+        NOTIFYs."""
+        self._drop_listener()
         store = getattr(self._thread_state(), "store", None)
         if store is not None:
             self._discard(store.conn)
             self._local.store = None
+
+    def on_backend_retryable_error(self, exc: BaseException) -> None:
+        self._drop_sessions()
 
     # -- (de)serialization ---------------------------------------------------------------
 
@@ -484,13 +505,17 @@ class PostgresBackend(BaseBackend):
         """Sleep until a NOTIFY names one of ``ids`` or ``timeout`` passes; return the
         ids heard (empty on timeout).
 
-        Returns None when the listening connection was lost: the caller must LISTEN
-        again on a new one *before* reading again, or a result stored in between would
-        only be seen at the next safety re-read.
+        Returns None when the listening connection was lost or is new: the caller must
+        LISTEN again on a new one *before* reading again, or a result stored in between
+        would only be seen at the next safety re-read.
         """
         try:
             listener = self._listener()
-            listener.start()
+            if not listener.listening:
+                # A new listening session (the last one was dropped with the data session):
+                # a result stored before this LISTEN is only seen by reading again first.
+                listener.start()
+                return None
             return listener.wait(ids, timeout)
         except _CONNECTION_ERRORS as exc:
             logger.warning("kombu-pg result backend: listening connection lost (%s); reconnecting", exc)
@@ -693,7 +718,9 @@ class PostgresBackend(BaseBackend):
     def add_to_chord(self, chord_id, result):
         """``Task.add_to_chord()``: the added task's value reaches the body after the
         header's values."""
-        self._run(lambda store: store.chord_add(bytes_to_str(chord_id), expires=self.chord_expires))
+        self._run(lambda store: store.chord_add(
+            bytes_to_str(chord_id), bytes_to_str(result.id), expires=self.chord_expires,
+        ))
 
     def _unpack_part(self, part: Mapping[str, Any]):
         value = self._decode_with(part["result"], part["content_type"], part["content_encoding"])
@@ -768,9 +795,7 @@ class PostgresBackend(BaseBackend):
     # -- misc -------------------------------------------------------------------------------------
 
     def as_uri(self, include_password: bool = False) -> str:
-        if include_password:
-            return self.url
-        return super().as_uri(include_password=False)
+        return self.url if include_password else sanitize_url(self.url)
 
     def close(self) -> None:
         """Close this thread's connections (only if this process opened them)."""

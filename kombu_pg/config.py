@@ -18,6 +18,12 @@ DEFAULT_SCHEMA = "kombu_pg"
 # 63 bytes, so the schema keeps room for a suffix such as ":results".
 _SCHEMA_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,47}$")
 
+# The password of a libpq URL: after the user's first ':' and before the '@' that ends the
+# user info, which (as libpq reads it) comes before any '/'.  A ``password=`` query
+# parameter too.
+_URL_PASSWORD_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^@/:]*:)[^@/]*(?=@)")
+_QUERY_PASSWORD_RE = re.compile(r"([?&]password=)[^&#]*")
+
 # Keys Kombu and Celery themselves put into transport_options for every transport
 # (publish retry policy, callbacks).  They are accepted and not interpreted here.
 GENERIC_TRANSPORT_OPTIONS = frozenset(
@@ -206,3 +212,16 @@ def redact(conninfo_or_url: str) -> str:
     if "password" in params:
         params["password"] = "**"
     return make_conninfo(**params)
+
+
+def sanitize_url(url: str, mask: str = "**") -> str:
+    """``url`` with its password replaced by ``mask``, for logs and banners.
+
+    Kombu's and Celery's own sanitizers parse the URL with ``urllib``, which refuses a
+    multi-host URL (``postgresql://u:pw@h1:5432,h2:5433/db``: the "port" is not an
+    integer); this only looks for the password, so any libpq URL works.
+    """
+    def masked(match: re.Match) -> str:
+        return match[1] + mask
+
+    return _QUERY_PASSWORD_RE.sub(masked, _URL_PASSWORD_RE.sub(masked, url))

@@ -29,9 +29,10 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.compat import register_after_fork
 from kombu.utils.json import dumps, loads
 from kombu.utils.scheduling import FairCycle
+from psycopg.errors import ReadOnlySqlTransaction
 
 from . import metrics
-from .config import Options, build_conninfo, redact
+from .config import Options, build_conninfo, redact, sanitize_url
 from .publish_batch import Batch, PublishBatch
 from .store import JOB_KEY_MODES, BrokerStore, Claimed, JobPublish, apply_migrations, check_version, connect
 from .store.broker import JOB_KEY_HEADER, JOB_KEY_MODE_HEADER, SERIAL_KEY_HEADER, OutgoingMessage
@@ -474,12 +475,19 @@ class Transport(virtual.Transport):
         heartbeats=False,
     )
 
+    # A server that turned read-only (a primary demoted to a standby, or
+    # default_transaction_read_only turned on) refuses every write of the session: like a
+    # lost connection, Kombu and Celery then drop it and connect again, which reaches the
+    # new primary when the URL lists several hosts with target_session_attrs=read-write.
     connection_errors = virtual.Transport.connection_errors + (
         psycopg.OperationalError,
         psycopg.InterfaceError,
+        ReadOnlySqlTransaction,
     )
     channel_errors = virtual.Transport.channel_errors
-    recoverable_connection_errors = (psycopg.OperationalError, psycopg.InterfaceError, OSError)
+    recoverable_connection_errors = (
+        psycopg.OperationalError, psycopg.InterfaceError, ReadOnlySqlTransaction, OSError,
+    )
     recoverable_channel_errors = ()
 
     def __init__(self, client, **kwargs):
@@ -603,11 +611,7 @@ class Transport(virtual.Transport):
 
     @classmethod
     def as_uri(cls, uri: str, include_password: bool = False, mask: str = "**") -> str:
-        if include_password:
-            return uri
-        from kombu.utils.url import maybe_sanitize_url
-
-        return maybe_sanitize_url(uri, mask)
+        return uri if include_password else sanitize_url(uri, mask)
 
     def close_connection(self, connection) -> None:
         self.unregister_from_event_loop()

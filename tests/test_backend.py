@@ -23,6 +23,7 @@ from psycopg import sql
 from kombu_pg.backend import BackendOptions, PostgresBackend
 from kombu_pg.config import ConfigurationError
 from kombu_pg.store.migrations import MigrationError
+from kombu_pg.store.results import ResultStore
 
 from .worker import wait_until
 
@@ -144,6 +145,18 @@ def test_malformed_url_is_refused(make_app):
     app = make_app(url="postgresql://host/db?notanoption=1")
     with pytest.raises(ConfigurationError):
         app.backend
+
+
+def test_multi_host_url_is_shown_without_its_password(make_app):
+    # urllib (Kombu's and Celery's sanitizers) cannot parse "5432,h2:5433" as a port: the
+    # worker's banner and log lines must not crash on such a URL, nor show the password.
+    url = "postgresql://u:s3cret@h1:5432,h2:5433/db?target_session_attrs=read-write&password=s3cret"
+    app = make_app(url)
+    app.conf.broker_url = url
+    shown = "postgresql://u:**@h1:5432,h2:5433/db?target_session_attrs=read-write&password=**"
+    assert app.backend.as_uri() == shown
+    assert app.connection_for_write().as_uri() == shown
+    assert app.backend.as_uri(include_password=True) == url
 
 
 def test_auto_migrate_off_refuses_an_unmigrated_schema(make_app):
@@ -654,6 +667,34 @@ def test_reapplied_chord_fires_again(chord_app):
         for p in parts:
             app.backend.mark_as_done(p.id, run, request=p)
     assert app.received == [[0, 0], [1, 1]]
+
+
+def test_add_to_chord_retried_after_a_lost_reply_counts_it_once(chord_app, pg_conn, monkeypatch):
+    """chord_add commits, then its session dies before the reply arrives: the backend
+    runs it again on a new connection, which must not raise the chord's target twice
+    (the body would wait for a part that never comes)."""
+    app, gid = chord_app, uuid()
+    parts = _header(app, gid, 2)
+    app.backend.apply_chord((gid, [app.AsyncResult(p.id) for p in parts]), app.collect.s())
+    real_chord_add, lost = ResultStore.chord_add, []
+
+    def commit_then_lose_the_reply(store, *args, **kwargs):
+        real_chord_add(store, *args, **kwargs)
+        if not lost:
+            lost.append(store.conn.info.backend_pid)
+            pg_conn.execute("SELECT pg_terminate_backend(%s, 10000)", (lost[0],))
+            store.conn.execute("SELECT 1")  # the session is gone: OperationalError
+
+    monkeypatch.setattr(ResultStore, "chord_add", commit_then_lose_the_reply)
+    added = request(id=uuid(), group=gid, group_index=0, chord=dict(app.collect.s()))
+    app.backend.add_to_chord(gid, app.AsyncResult(added.id))
+    assert lost and app.backend._local.store.conn.info.backend_pid != lost[0]  # it was retried
+    app.backend.set_chord_size(gid, 2)
+    for p in parts:
+        app.backend.mark_as_done(p.id, p.group_index, request=p)
+    assert app.received == []
+    app.backend.mark_as_done(added.id, "x", request=added)
+    assert app.received == [[0, 1, "x"]]
 
 
 # -- expiry and cleanup -----------------------------------------------------------------------

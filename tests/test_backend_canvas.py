@@ -120,9 +120,10 @@ def test_chord_whose_header_tasks_ignore_their_results(client):
     assert all(r.state == states.PENDING for r in res.parent.results)
 
 
-def test_add_to_chord(client):
+def test_add_to_chord(client, worker):
     res = chord([s(client, "add_to_own_chord", 5), s(client, "add", 1, 1)], s(client, "identity")).delay()
     assert res.get(timeout=TIMEOUT) == [5, 2, 10]
+    assert sum(f"[{res.id}] received" in line for line in worker.lines) == 1  # the body fired once
 
 
 def test_chord_of_chords(client):

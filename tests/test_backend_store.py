@@ -124,9 +124,22 @@ def test_channel_name():
 def test_chord_add_raises_the_target_even_before_the_size_is_set(store):
     gid = str(uuid.uuid4())
     store.chord_start(gid, task_ids=["a", "b"])
-    store.chord_add(gid)  # "a" adds a task "x" while running
+    store.chord_add(gid, "x")  # "a" adds a task "x" while running
     assert not _part(store, gid, "a", 0, str(uuid.uuid4())).claimed
     store.set_chord_size(gid, 2)
     assert not _part(store, gid, "b", 1, str(uuid.uuid4())).claimed
     assert _part(store, gid, "x", 0, str(uuid.uuid4())).claimed
     assert [p["task_id"] for p in store.chord_parts(gid)] == ["a", "b", "x"]
+
+
+def test_chord_add_run_again_for_the_same_task_counts_it_once(store):
+    # What the backend's retry after a lost reply does: the first run committed.
+    gid = str(uuid.uuid4())
+    store.chord_start(gid, task_ids=["a", "b"])
+    store.chord_add(gid, "x")
+    store.chord_add(gid, "x")
+    store.chord_add(gid, "y")  # another added task still counts
+    store.set_chord_size(gid, 2)
+    for task_id, index in (("a", 0), ("b", 1), ("x", 0)):
+        assert not _part(store, gid, task_id, index, str(uuid.uuid4())).claimed
+    assert _part(store, gid, "y", 1, str(uuid.uuid4())).claimed

@@ -100,7 +100,7 @@ INSERT INTO {schema}.chords AS c (
 VALUES (%(group_id)s, %(task_ids)s::text[], %(header)s, %(content_type)s, %(content_encoding)s,
         now() + make_interval(secs => %(expires)s))
 ON CONFLICT (group_id) DO UPDATE SET
-    size = NULL, done = 0, fired_by = NULL, fired_at = NULL,
+    size = NULL, done = 0, fired_by = NULL, fired_at = NULL, added = NULL,
     task_ids = EXCLUDED.task_ids,
     header = EXCLUDED.header,
     content_type = EXCLUDED.content_type,
@@ -118,17 +118,24 @@ ON CONFLICT (group_id) DO UPDATE SET
     done = CASE WHEN c.fired_by IS NULL THEN c.done ELSE 0 END,
     header = CASE WHEN c.fired_by IS NULL THEN c.header END,
     task_ids = CASE WHEN c.fired_by IS NULL THEN c.task_ids END,
+    added = CASE WHEN c.fired_by IS NULL THEN c.added END,
     fired_by = NULL,
     fired_at = NULL,
     expires_at = EXCLUDED.expires_at
 
 -- name: chord_add
--- Task.add_to_chord(): one more part must return before the body is sent.  Counted as
--- a part owed (done - 1), so a later set_chord_size() cannot overwrite it; the header
--- task adding it has not returned yet, so the chord cannot have fired.
-INSERT INTO {schema}.chords AS c (group_id, done, expires_at)
-VALUES (%(group_id)s, -1, now() + make_interval(secs => %(expires)s))
-ON CONFLICT (group_id) DO UPDATE SET done = c.done - 1, expires_at = EXCLUDED.expires_at
+-- Task.add_to_chord(): one more part, the added task, must return before the body is
+-- sent.  Counted as a part owed (done - 1), so a later set_chord_size() cannot overwrite
+-- it; the header task adding it has not returned yet, so the chord cannot have fired.
+-- The added task's id goes into `added` and an id already there changes nothing: the
+-- statement run again after a lost reply (its first run committed) counts it once.
+INSERT INTO {schema}.chords AS c (group_id, done, added, expires_at)
+VALUES (%(group_id)s, -1, ARRAY[%(task_id)s::text], now() + make_interval(secs => %(expires)s))
+ON CONFLICT (group_id) DO UPDATE SET
+    done = c.done - 1,
+    added = array_append(c.added, %(task_id)s::text),
+    expires_at = EXCLUDED.expires_at
+WHERE c.added IS NULL OR NOT %(task_id)s::text = ANY(c.added)
 
 -- name: chord_part_return
 -- One header part returned: record its value once (a redelivered part is not counted
@@ -193,7 +200,8 @@ WITH gone AS (
     DELETE FROM {schema}.chord_parts WHERE group_id = %(group_id)s
 )
 UPDATE {schema}.chords
-SET header = NULL, task_ids = NULL, expires_at = now() + make_interval(secs => %(expires)s)
+SET header = NULL, task_ids = NULL, added = NULL,
+    expires_at = now() + make_interval(secs => %(expires)s)
 WHERE group_id = %(group_id)s
 
 -- name: cleanup_results

@@ -29,6 +29,17 @@ def connect(conninfo: str, *, jit: bool = True, **kwargs) -> psycopg.Connection:
     return psycopg.connect(conninfo, autocommit=True, **kwargs)
 
 
+def read_only(conn: psycopg.Connection) -> bool:
+    """Whether the server last reported this session as read-only: a hot standby, or
+    ``default_transaction_read_only`` on (``ALTER SYSTEM``, role or database settings).
+
+    PostgreSQL 14 and later report both settings at connect and with the reply to the
+    first statement after a change; older servers report neither (always False).
+    """
+    status = conn.info.parameter_status
+    return status("default_transaction_read_only") == "on" or status("in_hot_standby") == "on"
+
+
 # Connections inherited through fork are kept referenced, never closed or collected:
 # closing (or GC) would end the parent's session on the shared socket.
 _inherited: list[psycopg.Connection] = []

@@ -15,6 +15,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from .connect import read_only
 from .queries import Queries
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,15 @@ class ResultStore:
         self.schema = schema
         self.q = Queries(schema, "results.sql")
         self.channel = results_channel(schema)
+        # A session can be read-only on purpose (a reporting role that only reads results).
+        self._opened_read_only = read_only(conn)
+
+    def turned_read_only(self) -> bool:
+        """Whether the server went read-only since this session was opened (a primary
+        demoted to a standby, ``default_transaction_read_only`` turned on): its writes now
+        fail and its reads may be stale.  Known from the reply to the first statement
+        after the change (PostgreSQL 14 or later)."""
+        return not self._opened_read_only and read_only(self.conn)
 
     def _exec(self, name: str, params: dict | None = None) -> psycopg.Cursor:
         return self.conn.execute(self.q[name], params)
@@ -179,9 +189,10 @@ class ResultStore:
     def set_chord_size(self, group_id: str, size: int, *, expires: float | None = None) -> None:
         self._exec("chord_size", dict(group_id=group_id, size=size, expires=expires))
 
-    def chord_add(self, group_id: str, *, expires: float | None = None) -> None:
-        """One more part (``Task.add_to_chord``) must return before the body is sent."""
-        self._exec("chord_add", {"group_id": group_id, "expires": expires})
+    def chord_add(self, group_id: str, task_id: str, *, expires: float | None = None) -> None:
+        """One more part, task ``task_id`` (``Task.add_to_chord``), must return before the
+        body is sent.  Counted once per ``task_id``: safe to run again after a lost reply."""
+        self._exec("chord_add", {"group_id": group_id, "task_id": task_id, "expires": expires})
 
     def chord_part_return(
         self,

@@ -45,6 +45,7 @@ from .config import (
     Options,
     build_conninfo,
     redact,
+    redact_url,
     validate_schema,
 )
 from .store.connect import connect
@@ -770,7 +771,7 @@ class PostgresBackend(BaseBackend):
     def as_uri(self, include_password: bool = False) -> str:
         if include_password:
             return self.url
-        return super().as_uri(include_password=False)
+        return redact_url(self.url)
 
     def close(self) -> None:
         """Close this thread's connections (only if this process opened them)."""

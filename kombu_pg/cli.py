@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -23,7 +23,7 @@ from .transport import Transport
 
 @dataclass
 class Target:
-    conninfo: str
+    conninfo: str = field(repr=False)  # carries the password
     options: Options
 
     @classmethod

@@ -31,7 +31,7 @@ from kombu.utils.json import dumps, loads
 from kombu.utils.scheduling import FairCycle
 
 from . import metrics
-from .config import Options, build_conninfo, redact
+from .config import Options, build_conninfo, redact, redact_url
 from .publish_batch import PublishBatch
 from .store import JOB_KEY_MODES, BrokerStore, Claimed, JobPublish, apply_migrations, check_version, connect
 from .store.broker import DUE_PREFIX, JOB_KEY_HEADER, JOB_KEY_MODE_HEADER, SERIAL_KEY_HEADER, OutgoingMessage
@@ -602,9 +602,8 @@ class Transport(virtual.Transport):
     def as_uri(cls, uri: str, include_password: bool = False, mask: str = "**") -> str:
         if include_password:
             return uri
-        from kombu.utils.url import maybe_sanitize_url
-
-        return maybe_sanitize_url(uri, mask)
+        # Kombu's sanitizer masks the userinfo password only, not ?password=/?sslpassword=.
+        return redact_url(uri, mask)
 
     def close_connection(self, connection) -> None:
         self.unregister_from_event_loop()

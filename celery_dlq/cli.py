@@ -10,10 +10,9 @@ bulk operation without ids or filter), 3 not found (an id that does not exist).
 from __future__ import annotations
 
 import json
-import re
 import signal
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 
 import click
 
@@ -22,11 +21,9 @@ from kombu_pg.config import ConfigurationError
 from .api import DLQ
 from .reaper import ReaperLoop
 from .store import MAX_PAGE, REASONS, STATUSES, DLQError, NotFound, UsageError
+from .values import parse_time
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 3
-
-_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 class When(click.ParamType):
@@ -37,14 +34,10 @@ class When(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, datetime):
             return value
-        match = _RELATIVE.match(value.strip())
-        if match:
-            return datetime.now(timezone.utc) - timedelta(**{_UNITS[match[2]]: float(match[1])})
         try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            self.fail(f"{value!r} is neither an ISO 8601 time nor an age like 30m, 2h, 7d", param, ctx)
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+            return parse_time(param.name if param else "time", value)
+        except UsageError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 def filter_options(fn):

@@ -15,7 +15,6 @@ import argparse
 import time
 import uuid
 
-import psycopg
 from psycopg import sql
 
 from kombu_pg import metrics

@@ -115,12 +115,11 @@ def check(status: int, headers: dict, body: bytes, request: dict) -> None:
 
 
 @pytest.fixture
-def fuzz_env(env):  # noqa: F811  (the fixture imported above)
+def admin(env):  # noqa: F811  (the fixture imported above)
     for task in ("proj.a", "proj.b"):
         for _ in range(3):
             env.add(task=task)
-    admin = DLQAdmin(env.app, token=TOKEN, allowed_hosts=None)
-    yield env, admin
+    return DLQAdmin(env.app, token=TOKEN, allowed_hosts=None)
 
 
 def wsgi_environ(req: dict) -> dict:
@@ -169,8 +168,7 @@ def known_crashes(test):
 @FUZZ
 @given(req=requests())
 @known_crashes
-def test_wsgi_never_answers_500(fuzz_env, req):
-    env, admin = fuzz_env
+def test_wsgi_never_answers_500(admin, req):
     check(*call_wsgi(admin, req), req)
 
 
@@ -201,14 +199,12 @@ async def call_asgi(admin, req: dict):
 @settings(FUZZ, max_examples=120)
 @given(req=requests())
 @known_crashes
-def test_asgi_never_answers_500(fuzz_env, req):
-    env, admin = fuzz_env
+def test_asgi_never_answers_500(admin, req):
     check(*asyncio.run(call_asgi(admin, req)), req)
 
 
 @pytest.fixture
-def server(fuzz_env):
-    env, admin = fuzz_env
+def server(admin):
     srv = Server(admin)
     yield srv
     srv.close()

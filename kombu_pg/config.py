@@ -21,7 +21,10 @@ SECRET_KEYS = ("password", "sslpassword")
 # conninfo string or a URL query (password=..., sslpassword='...').  Used on input that
 # libpq may have refused to parse, so they are deliberately lenient.
 _URL_SECRET_RE = re.compile(r"(://[^:/?#@\s]*:)([^/?#\s]*)(@)")
-_KV_SECRET_RE = re.compile(r"((?<![A-Za-z_])(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'?|\x22(?:[^\x22\\]|\\.)*\x22?|[^\s&#'\x22]*)")
+_KV_SECRET_RE = re.compile(
+    r"((?<![A-Za-z_])(?:ssl)?password\s*=\s*)"  # the key: password= or sslpassword=
+    r"('(?:[^'\\]|\\.)*'?|\x22(?:[^\x22\\]|\\.)*\x22?|[^\s&#'\x22]*)"  # '...', "..." or bare
+)
 
 # Schema names become identifiers and NOTIFY channel prefixes; channels are limited to
 # 63 bytes, so the schema keeps room for a suffix such as ":results".

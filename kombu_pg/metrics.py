@@ -394,6 +394,27 @@ class ResultCollector:
         return []
 
 
+class _Parts:
+    """The broker and result collectors as one: the exposition format allows one family
+    per name, and both report ``kombu_pg_scrape_*`` (one sample per part)."""
+
+    def __init__(self, collectors: Sequence[Any]) -> None:
+        self.collectors = collectors
+
+    def collect(self):
+        merged: dict[str, Any] = {}
+        for collector in self.collectors:
+            for family in collector.collect():
+                if family.name in merged:
+                    merged[family.name].samples.extend(family.samples)
+                else:
+                    merged[family.name] = family
+        yield from merged.values()
+
+    def describe(self):
+        return []
+
+
 # -- registries and serving ---------------------------------------------------------------
 
 
@@ -439,17 +460,13 @@ def build_registry(app=None, *, conninfo: str | None = None, schema: str | None 
                                  max_queues=max_queues, **bounds)
     else:
         broker = None
-    if broker is not None:
-        registry.register(broker)
+    parts = [broker] if broker is not None else []
     if results:
         if app is not None:
-            collector = ResultCollector.for_app(app, **bounds)
+            parts.append(ResultCollector.for_app(app, **bounds))
         elif broker is not None:
-            collector = ResultCollector(broker._session.conninfo, broker.schema, **bounds)
-        else:
-            collector = None
-        if collector is not None:
-            registry.register(collector)
+            parts.append(ResultCollector(broker._session.conninfo, broker.schema, **bounds))
+    registry.register(_Parts([part for part in parts if part is not None]))
     if app is not None and (dlq or (dlq is None and getattr(app, "_celery_dlq", None) is not None)):
         from celery_dlq.metrics import DLQCollector
 

@@ -18,7 +18,7 @@ import pytest
 from celery import Celery, states
 from click.testing import CliRunner
 from kombu import Connection, Consumer, Exchange, Producer, Queue
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
@@ -333,6 +333,11 @@ def test_result_gauges_count_results_by_state(pg_url, pg_conn, schema):
     found = samples(metrics.build_registry(conninfo=pg_url, schema=schema, events=False))
     assert value(found, "kombu_pg_results", state="SUCCESS") == 3
     assert value(found, "kombu_pg_scrape_ok", part="broker") == 1
+    # Both parts report kombu_pg_scrape_*: one family each, as the exposition format wants.
+    text = generate_latest(metrics.build_registry(conninfo=pg_url, schema=schema, events=False)).decode()
+    types = [line for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types)), types
+    assert value(samples(text), "kombu_pg_scrape_ok", part="results") == 1
     # Not a kombu-pg backend: nothing to collect.
     assert ResultCollector.for_app(Celery("x", backend="cache+memory://", set_as_current=False)) is None
 

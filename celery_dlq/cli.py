@@ -12,10 +12,9 @@ content type is not in accept_content).
 from __future__ import annotations
 
 import json
-import re
 import signal
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 
 import click
 
@@ -24,11 +23,9 @@ from kombu_pg.config import ConfigurationError
 from .api import DLQ
 from .reaper import ReaperLoop
 from .store import MAX_PAGE, REASONS, REFUSED_STATUS, STATUSES, DLQError, NotFound, UsageError
+from .values import parse_time
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_REFUSED = 0, 1, 2, 3, 4
-
-_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 class When(click.ParamType):
@@ -39,14 +36,10 @@ class When(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, datetime):
             return value
-        match = _RELATIVE.match(value.strip())
-        if match:
-            return datetime.now(timezone.utc) - timedelta(**{_UNITS[match[2]]: float(match[1])})
         try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            self.fail(f"{value!r} is neither an ISO 8601 time nor an age like 30m, 2h, 7d", param, ctx)
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+            return parse_time(param.name if param else "time", value)
+        except UsageError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 def filter_options(fn):

@@ -5,7 +5,7 @@ Unknown ``dlq_*`` keys are refused (a typo must not silently disable a safety ne
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kombu.utils.imports import symbol_by_name
@@ -57,7 +57,7 @@ DEFAULTS: dict[str, Any] = {
 @dataclass(frozen=True)
 class Settings:
     enabled: bool
-    database_url: str
+    database_url: str = field(repr=False)  # carries the password
     schema: str
     kombu_pg_broker: bool
     same_database: bool

@@ -25,7 +25,7 @@ import socketserver
 import sys
 import threading
 from collections.abc import Callable, Iterable
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime
 from typing import Any
 from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -34,6 +34,7 @@ from kombu_pg.config import ConfigurationError
 
 from .api import DLQ
 from .store import MAX_PAGE, REASONS, REFUSED_STATUS, STATUSES, DLQError, NotFound, UsageError
+from .values import check_text, parse_time
 
 logger = logging.getLogger("celery_dlq.http")
 
@@ -42,8 +43,6 @@ DEFAULT_PAGE = 50
 MAX_BODY = 1 << 20
 MAX_IDS = 10_000
 _MAX_ID = 2**63 - 1
-_AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
             405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large",
             415: "Unsupported Media Type", 500: "Internal Server Error"}
@@ -67,25 +66,12 @@ def _bad(message: str) -> HTTPError:
 # -- input checking -----------------------------------------------------------------------------
 
 
-def parse_time(name: str, value: Any) -> datetime:
-    """An ISO 8601 time (naive means UTC) or an age such as 30m, 2h, 7d (that long ago)."""
-    if not isinstance(value, str) or not value.strip():
-        raise _bad(f"{name} must be an ISO 8601 time or an age like 30m, 2h, 7d")
-    match = _AGE.match(value.strip())
-    if match:
-        return datetime.now(timezone.utc) - timedelta(**{_UNITS[match[2]]: float(match[1])})
-    try:
-        parsed = datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise _bad(f"{name}: {value!r} is neither an ISO 8601 time nor an age like 30m, 2h, 7d") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
-
-
 def _filter_value(name: str, value: Any) -> Any:
     if not isinstance(value, str):
         raise _bad(f"{name} must be a string")
     if not value.strip():
         raise _bad(f"{name} is empty")
+    check_text(name, value)
     if name == "reason" and value not in REASONS:
         raise _bad(f"unknown reason {value!r}; use one of {', '.join(REASONS)}")
     if name == "status" and value not in STATUSES:
@@ -133,7 +119,7 @@ def _note(doc: dict) -> str | None:
     note = doc.get("note")
     if note is not None and (not isinstance(note, str) or len(note) > 10_000):
         raise _bad("note must be a string of at most 10000 characters")
-    return note or None
+    return check_text("note", note) if note else None
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -297,6 +283,8 @@ class DLQAdmin:
             doc = json.loads(raw)
         except ValueError as exc:
             raise _bad(f"request body is not valid JSON: {exc}") from None
+        except RecursionError:  # nesting deeper than the interpreter's recursion limit
+            raise _bad("request body is nested too deeply") from None
         if not isinstance(doc, dict):
             raise _bad("request body must be a JSON object")
         return doc

@@ -91,7 +91,7 @@ class DLQCollector:
         return []
 
 
-def start_http_server(app, port: int = 9808, addr: str = "0.0.0.0"):
+def start_http_server(app, port: int = 9808, addr: str = "127.0.0.1"):
     """Serve the DLQ metrics (only them) on ``addr:port``; returns the server and thread."""
     from prometheus_client import CollectorRegistry
     from prometheus_client import start_http_server as _start

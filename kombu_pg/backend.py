@@ -46,7 +46,7 @@ from .config import (
     Options,
     build_conninfo,
     redact,
-    sanitize_url,
+    redact_url,
     validate_schema,
 )
 from .store.connect import connect
@@ -795,7 +795,9 @@ class PostgresBackend(BaseBackend):
     # -- misc -------------------------------------------------------------------------------------
 
     def as_uri(self, include_password: bool = False) -> str:
-        return self.url if include_password else sanitize_url(self.url)
+        if include_password:
+            return self.url
+        return redact_url(self.url)
 
     def close(self) -> None:
         """Close this thread's connections (only if this process opened them)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -23,7 +23,7 @@ from .transport import Transport
 
 @dataclass
 class Target:
-    conninfo: str
+    conninfo: str = field(repr=False)  # carries the password
     options: Options
 
     @classmethod
@@ -117,16 +117,22 @@ def status(ctx: click.Context, as_json: bool, keys: int) -> None:
 @pg.command(name="metrics")
 @click.option("--port", default=9808, show_default=True, type=click.IntRange(0, 65535),
               help="Port to serve /metrics on (0: any free port, printed at start).")
-@click.option("--addr", default="0.0.0.0", show_default=True, help="Address to bind.")
+@click.option("--addr", default="127.0.0.1", show_default=True,
+              help="Address to bind; /metrics has no authentication, so every interface (0.0.0.0, "
+                   "the old default) must be asked for.")
 @click.option("--results/--no-results", default=True, show_default=True,
               help="Result-backend gauges (counts the results table at every scrape).")
 @click.option("--dlq/--no-dlq", default=None,
               help="DLQ gauges (default: when the app installs celery_dlq).")
 @click.option("--max-queues", default=100, show_default=True, type=click.IntRange(1),
               help="Queue label values beyond this many are summed as '(other)'.")
+@click.option("--scrape-timeout", default=5.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Seconds a scrape's query may run before it is cancelled (scrape_ok 0).")
+@click.option("--min-interval", default=10.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds a database reading is reused by later scrapes.")
 @click.pass_context
 def metrics_command(ctx: click.Context, port: int, addr: str, results: bool, dlq: bool | None,
-                    max_queues: int) -> None:
+                    max_queues: int, scrape_timeout: float, min_interval: float) -> None:
     """Serve Prometheus metrics: queue gauges from the database, plus the workers' counters
     when PROMETHEUS_MULTIPROC_DIR is shared with them (see docs/metrics.md)."""
     import signal
@@ -140,7 +146,8 @@ def metrics_command(ctx: click.Context, port: int, addr: str, results: bool, dlq
         raise click.UsageError("--dlq needs the app: celery -A proj pg metrics --dlq")
     registry = metrics.build_registry(
         app, conninfo=target.conninfo, schema=target.options.schema,
-        max_deliveries=target.options.max_deliveries, results=results, dlq=dlq, max_queues=max_queues)
+        max_deliveries=target.options.max_deliveries, results=results, dlq=dlq, max_queues=max_queues,
+        scrape_timeout=scrape_timeout, min_interval=min_interval)
     try:
         server, thread = metrics.start_http_server(port, addr, registry=registry)
     except OSError as exc:

@@ -9,10 +9,22 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
+from urllib.parse import unquote
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 DEFAULT_SCHEMA = "kombu_pg"
+
+#: libpq parameters whose values are secrets: never in an error, a log line or output.
+SECRET_KEYS = ("password", "sslpassword")
+# A URL's userinfo password (scheme://user:PASSWORD@host), and key=value secrets of a
+# conninfo string or a URL query (password=..., sslpassword='...').  Used on input that
+# libpq may have refused to parse, so they are deliberately lenient.
+_URL_SECRET_RE = re.compile(r"(://[^:/?#@\s]*:)([^/?#\s]*)(@)")
+_KV_SECRET_RE = re.compile(
+    r"((?<![A-Za-z_])(?:ssl)?password\s*=\s*)"  # the key: password= or sslpassword=
+    r"('(?:[^'\\]|\\.)*'?|\x22(?:[^\x22\\]|\\.)*\x22?|[^\s&#'\x22]*)"  # '...', "..." or bare
+)
 
 # Schema names become identifiers and NOTIFY channel prefixes; channels are limited to
 # 63 bytes, so the schema keeps room for a suffix such as ":results".
@@ -21,8 +33,6 @@ _SCHEMA_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,47}$")
 # The password of a libpq URL: after the user's first ':' and before the '@' that ends the
 # user info, which (as libpq reads it) comes before any '/'.  A ``password=`` query
 # parameter too.
-_URL_PASSWORD_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^@/:]*:)[^@/]*(?=@)")
-_QUERY_PASSWORD_RE = re.compile(r"([?&]password=)[^&#]*")
 
 # Keys Kombu and Celery themselves put into transport_options for every transport
 # (publish retry policy, callbacks).  They are accepted and not interpreted here.
@@ -91,7 +101,7 @@ class Options:
     notify_debounce: float = 0.02
     #: Extra libpq connection parameters (e.g. ``sslrootcert``, ``keepalives_idle``),
     #: merged into the connection string; they override the URL.
-    connect_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    connect_kwargs: Mapping[str, Any] = field(default_factory=dict, repr=False)  # may hold a password
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any] | None, *, allow: frozenset[str] = frozenset()) -> "Options":
@@ -169,9 +179,10 @@ def build_conninfo(
         try:
             parsed = conninfo_to_dict(url)
         except Exception as exc:  # psycopg raises ProgrammingError for malformed input
-            raise ConfigurationError(f"malformed PostgreSQL URL: {exc}") from None
+            # libpq quotes the offending part, which can be the password itself.
+            raise ConfigurationError(f"malformed PostgreSQL URL: {scrub(str(exc).strip(), url)}") from None
     elif "=" in url or any(c.isspace() for c in url.strip()):
-        raise ConfigurationError(f"expected a postgresql:// URL or a host name, got {url!r}")
+        raise ConfigurationError(f"expected a postgresql:// URL or a host name, got {scrub(repr(url), url)}")
     else:
         parsed = {"host": url.strip()}
         if database and database != "/":
@@ -197,31 +208,62 @@ def build_conninfo(
     try:
         conninfo = make_conninfo(make_conninfo(**parsed), **merged)
     except Exception as exc:
-        raise ConfigurationError(f"invalid connection parameters: {exc}") from None
+        message = scrub(str(exc).strip(), url, parsed, merged)
+        raise ConfigurationError(f"invalid connection parameters: {message}") from None
     if "\x00" in conninfo:
         raise ConfigurationError("connection parameters cannot contain NUL characters")
     return conninfo
 
 
 def redact(conninfo_or_url: str) -> str:
-    """Return the connection string with any password masked, for logs and errors."""
+    """Return the connection string with its secrets masked, for logs and errors."""
     try:
         params = conninfo_to_dict(conninfo_or_url)
     except Exception:
         return "<unparsable connection string>"
-    if "password" in params:
-        params["password"] = "**"
+    for key in SECRET_KEYS:
+        if key in params:
+            params[key] = "**"
     return make_conninfo(**params)
 
 
-def sanitize_url(url: str, mask: str = "**") -> str:
-    """``url`` with its password replaced by ``mask``, for logs and banners.
+def redact_url(url: str, mask: str = "**") -> str:
+    """``url`` (kept a URL) with the userinfo password and secret query values masked."""
+    return scrub(url, url, mask=mask)
 
-    Kombu's and Celery's own sanitizers parse the URL with ``urllib``, which refuses a
-    multi-host URL (``postgresql://u:pw@h1:5432,h2:5433/db``: the "port" is not an
-    integer); this only looks for the password, so any libpq URL works.
-    """
-    def masked(match: re.Match) -> str:
-        return match[1] + mask
 
-    return _QUERY_PASSWORD_RE.sub(masked, _URL_PASSWORD_RE.sub(masked, url))
+def scrub(text: str, *sources: str | Mapping[str, Any] | None, mask: str = "**") -> str:
+    """``text`` with every secret of ``sources`` (URLs, conninfo strings or parameter
+    mappings, well-formed or not) replaced by ``mask``, and any secret it spells out itself
+    (``password=...``, ``user:password@``) masked."""
+    found: set[str] = set()
+    for source in sources:
+        found.update(_secrets(source))
+    # Longest first, so a secret containing another is masked whole.
+    for secret in sorted(found, key=len, reverse=True):
+        text = text.replace(secret, mask)
+    text = _URL_SECRET_RE.sub(lambda m: m[1] + mask + m[3], text)
+    return _KV_SECRET_RE.sub(lambda m: m[1] + mask, text)
+
+
+def _secrets(source: str | Mapping[str, Any] | None) -> set[str]:
+    values: list[Any] = []
+    if isinstance(source, Mapping):
+        values = [source.get(key) for key in SECRET_KEYS]
+    elif isinstance(source, str):
+        try:
+            params = conninfo_to_dict(source)
+            values = [params.get(key) for key in SECRET_KEYS]
+        except Exception:
+            pass
+        values += [m[2] for m in _URL_SECRET_RE.finditer(source)]
+        values += [m[2] for m in _KV_SECRET_RE.finditer(source)]
+    found = set()
+    for value in values:
+        if callable(value) or not value:
+            continue
+        value = str(value)
+        # The raw, the quoted-string and the percent-decoded spellings: libpq may echo any.
+        found.update({value, value.strip("'"), unquote(value)})
+    found.discard("")
+    return found

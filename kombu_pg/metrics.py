@@ -38,7 +38,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any, Iterable, Sequence
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
 
 import psycopg
 from psycopg import sql
@@ -60,6 +62,12 @@ TEMPORARY_QUEUE = "(temporary)"
 OTHER_QUEUE = "(other)"
 OTHER_STATE = "other"
 DEFAULT_MAX_QUEUES = 100
+#: Seconds a scrape's query may run (its session's statement_timeout): a scrape must
+#: answer within Prometheus' own scrape_timeout (10 s by default), failed or not.
+DEFAULT_SCRAPE_TIMEOUT = 5.0
+#: Seconds a database reading is reused: however many scrapers (HA pairs, federation,
+#: a curl loop), each part queries the database at most once per interval.
+DEFAULT_MIN_INTERVAL = 10.0
 
 #: Seconds: a publish or a claim is one statement, usually well under 10 ms.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -170,27 +178,69 @@ def rejected(message: Any, requeue: bool) -> None:
 # -- scrape-time collectors -----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Reading:
+    """One database reading of a collector: its value, or the error that ended it."""
+
+    at: float  # time.monotonic() when the query started
+    seconds: float
+    value: Any = None
+    error: BaseException | None = None
+
+
 class _Session:
     """One lazily opened autocommit connection, shared by scrapes (serialised), reopened
-    after an error.  A scrape never holds a transaction open."""
+    after an error.  A scrape never holds a transaction open.
 
-    def __init__(self, conninfo: str) -> None:
+    Bounded cost: every statement is cut at ``timeout`` seconds (statement_timeout), and a
+    reading, failed or not, is reused for ``min_interval`` seconds.
+    """
+
+    def __init__(self, conninfo: str, part: str, *, timeout: float | None = DEFAULT_SCRAPE_TIMEOUT,
+                 min_interval: float = DEFAULT_MIN_INTERVAL) -> None:
         self.conninfo = conninfo
+        self.part = part
+        self.timeout = timeout
+        self.min_interval = min_interval
         self.lock = threading.Lock()
-        self._connection = ProcessConnection(lambda: connect(conninfo))
+        self._connection = ProcessConnection(self._open)
+        self._last: Reading | None = None
 
-    def conn(self) -> psycopg.Connection:
-        return self._connection.get()
+    def _open(self) -> psycopg.Connection:
+        conn = connect(self.conninfo)
+        if self.timeout:
+            conn.execute("SELECT set_config('statement_timeout', %s, false)", (f"{int(self.timeout * 1000)}ms",))
+        return conn
 
-    def reset(self) -> None:
-        self._connection.reset()
+    def read(self, query: Callable[[psycopg.Connection], Any]) -> Reading:
+        """``query(conn)``, or the last reading if it is younger than ``min_interval``."""
+        with self.lock:
+            last = self._last
+            if last is not None and time.monotonic() - last.at < self.min_interval:
+                return last
+            start = time.monotonic()
+            try:
+                value, error = query(self._connection.get()), None
+            except Exception as exc:
+                self._connection.reset()
+                value, error = None, exc
+                logger.error("kombu-pg metrics: %s query failed: %s", self.part, exc)
+            self._last = Reading(start, time.monotonic() - start, value, error)
+            return self._last
 
-
-def _scrape_ok(part: str, ok: bool):
-    family = GaugeMetricFamily("kombu_pg_scrape_ok", "1 if the database could be read for this part.",
-                               labels=("part",))
-    family.add_metric([part], 1 if ok else 0)
-    return family
+    def status(self, reading: Reading):
+        """The scrape's own gauges for this part: ok, duration and age of the reading."""
+        part = [self.part]
+        ok = GaugeMetricFamily("kombu_pg_scrape_ok", "1 if the database could be read for this part "
+                               "(0: query failed or took longer than the scrape timeout).", labels=("part",))
+        ok.add_metric(part, 0 if reading.error else 1)
+        took = GaugeMetricFamily("kombu_pg_scrape_duration_seconds",
+                                 "Time the part's database reading took.", labels=("part",))
+        took.add_metric(part, reading.seconds)
+        age = GaugeMetricFamily("kombu_pg_scrape_age_seconds", "Age of the reading served (readings are "
+                                "reused for the exporter's minimum interval).", labels=("part",))
+        age.add_metric(part, time.monotonic() - reading.at)
+        return [ok, took, age]
 
 
 class BrokerCollector:
@@ -212,11 +262,12 @@ class BrokerCollector:
     )
 
     def __init__(self, conninfo: str, schema: str, *, max_deliveries: int | None = 10,
-                 max_queues: int = DEFAULT_MAX_QUEUES) -> None:
+                 max_queues: int = DEFAULT_MAX_QUEUES, scrape_timeout: float | None = DEFAULT_SCRAPE_TIMEOUT,
+                 min_interval: float = DEFAULT_MIN_INTERVAL) -> None:
         self.schema = schema
         self.max_deliveries = max_deliveries
         self.max_queues = max_queues
-        self._session = _Session(conninfo)
+        self._session = _Session(conninfo, "broker", timeout=scrape_timeout, min_interval=min_interval)
 
     @classmethod
     def for_app(cls, app, **kwargs) -> "BrokerCollector":
@@ -228,15 +279,10 @@ class BrokerCollector:
         kwargs.setdefault("max_deliveries", transport.options.max_deliveries)
         return cls(transport.conninfo, transport.options.schema, **kwargs)
 
-    def read(self) -> tuple[list[dict], int, int]:
+    def _query(self, conn: psycopg.Connection) -> tuple[list[dict], int, int]:
         """queue_stats rows, consumer count, invalid message count (one session)."""
-        with self._session.lock:
-            try:
-                store = BrokerStore(self._session.conn(), self.schema)
-                return store.queue_stats(self.max_deliveries), len(store.consumers()), store.invalid_count()
-            except Exception:
-                self._session.reset()
-                raise
+        store = BrokerStore(conn, self.schema)
+        return store.queue_stats(self.max_deliveries), len(store.consumers()), store.invalid_count()
 
     def group(self, rows: Iterable[dict]) -> dict[str, dict]:
         """Rows by bounded queue label; grouped rows are summed (ages: the maximum)."""
@@ -254,12 +300,11 @@ class BrokerCollector:
         return grouped
 
     def collect(self):
-        try:
-            rows, consumers, invalid = self.read()
-        except Exception as exc:
-            logger.error("kombu-pg metrics: broker query failed: %s", exc)
-            yield _scrape_ok("broker", False)
+        reading = self._session.read(self._query)
+        if reading.error is not None:
+            yield from self._session.status(reading)
             return
+        rows, consumers, invalid = reading.value
         families = [(name, GaugeMetricFamily(metric, doc, labels=("queue",)))
                     for name, metric, doc in self.QUEUE_GAUGES]
         age = GaugeMetricFamily("kombu_pg_queue_oldest_ready_age_seconds",
@@ -275,7 +320,7 @@ class BrokerCollector:
                                 value=consumers)
         yield GaugeMetricFamily("kombu_pg_invalid_messages", "Messages set aside as undecodable.",
                                 value=invalid)
-        yield _scrape_ok("broker", True)
+        yield from self._session.status(reading)
 
     def describe(self):
         return []
@@ -293,48 +338,41 @@ class ResultCollector:
     not yet fired.  Counting reads the whole results table; pass ``results=False`` to the
     exporter when that table is very large."""
 
-    def __init__(self, conninfo: str, schema: str) -> None:
+    def __init__(self, conninfo: str, schema: str, *, scrape_timeout: float | None = DEFAULT_SCRAPE_TIMEOUT,
+                 min_interval: float = DEFAULT_MIN_INTERVAL) -> None:
         from celery import states
 
         self.schema = schema
         self._states = frozenset(states.ALL_STATES)
-        self._session = _Session(conninfo)
+        self._session = _Session(conninfo, "results", timeout=scrape_timeout, min_interval=min_interval)
         ident = sql.Identifier(schema)
         self._results = sql.SQL(_RESULTS_SQL).format(schema=ident).as_string(None)
         self._chords = sql.SQL(_CHORDS_SQL).format(schema=ident).as_string(None)
 
     @classmethod
-    def for_app(cls, app) -> "ResultCollector | None":
+    def for_app(cls, app, **kwargs) -> "ResultCollector | None":
         from .backend import PostgresBackend
 
         backend = app.backend
         if not isinstance(backend, PostgresBackend):
             return None
-        return cls(backend.conninfo, backend.schema)
+        return cls(backend.conninfo, backend.schema, **kwargs)
 
-    def read(self) -> tuple[list[tuple], int] | None:
-        with self._session.lock:
-            try:
-                conn = self._session.conn()
-                exists = conn.execute("SELECT to_regclass(format('%%I.results', %s::text)) IS NOT NULL",
-                                      (self.schema,)).fetchone()[0]
-                if not exists:
-                    return None
-                return conn.execute(self._results).fetchall(), conn.execute(self._chords).fetchone()[0]
-            except Exception:
-                self._session.reset()
-                raise
+    def _query(self, conn: psycopg.Connection) -> tuple[list[tuple], int] | None:
+        exists = conn.execute("SELECT to_regclass(format('%%I.results', %s::text)) IS NOT NULL",
+                              (self.schema,)).fetchone()[0]
+        if not exists:
+            return None
+        return conn.execute(self._results).fetchall(), conn.execute(self._chords).fetchone()[0]
 
     def collect(self):
-        try:
-            found = self.read()
-        except Exception as exc:
-            logger.error("kombu-pg metrics: results query failed: %s", exc)
-            yield _scrape_ok("results", False)
+        reading = self._session.read(self._query)
+        if reading.error is not None:
+            yield from self._session.status(reading)
             return
-        if found is None:  # no result tables in this schema: nothing to report
+        if reading.value is None:  # no result tables in this schema: nothing to report
             return
-        rows, chords = found
+        rows, chords = reading.value
         by_state: dict[str, list[int]] = {}
         for status, count, expired in rows:
             entry = by_state.setdefault(status if status in self._states else OTHER_STATE, [0, 0])
@@ -350,7 +388,28 @@ class ResultCollector:
         yield expired
         yield GaugeMetricFamily("kombu_pg_chords_pending", "Chords whose body has not been sent yet.",
                                 value=chords)
-        yield _scrape_ok("results", True)
+        yield from self._session.status(reading)
+
+    def describe(self):
+        return []
+
+
+class _Parts:
+    """The broker and result collectors as one: the exposition format allows one family
+    per name, and both report ``kombu_pg_scrape_*`` (one sample per part)."""
+
+    def __init__(self, collectors: Sequence[Any]) -> None:
+        self.collectors = collectors
+
+    def collect(self):
+        merged: dict[str, Any] = {}
+        for collector in self.collectors:
+            for family in collector.collect():
+                if family.name in merged:
+                    merged[family.name].samples.extend(family.samples)
+                else:
+                    merged[family.name] = family
+        yield from merged.values()
 
     def describe(self):
         return []
@@ -366,7 +425,9 @@ def multiprocess_dir() -> str | None:
 
 def build_registry(app=None, *, conninfo: str | None = None, schema: str | None = None,
                    max_deliveries: int | None = 10, results: bool = True, dlq: bool | None = None,
-                   max_queues: int = DEFAULT_MAX_QUEUES, events: bool = True) -> "CollectorRegistry":
+                   max_queues: int = DEFAULT_MAX_QUEUES, events: bool = True,
+                   scrape_timeout: float | None = DEFAULT_SCRAPE_TIMEOUT,
+                   min_interval: float = DEFAULT_MIN_INTERVAL) -> "CollectorRegistry":
     """A registry with everything kombu-pg knows, for one exporter.
 
     * events (counters, histograms): in multiprocess mode every process's, merged by
@@ -377,6 +438,9 @@ def build_registry(app=None, *, conninfo: str | None = None, schema: str | None 
       app: the broker's database and schema, if it has result tables), unless
       ``results=False``;
     * the DLQ collector when ``app`` uses celery_dlq (``dlq=None``), or when ``dlq=True``.
+
+    Each database part's statements stop at ``scrape_timeout`` seconds (None: no limit),
+    and its reading is reused for ``min_interval`` seconds.
     """
     if CollectorRegistry is None:
         raise RuntimeError("kombu_pg.metrics needs prometheus_client: pip install prometheus-client")
@@ -388,24 +452,21 @@ def build_registry(app=None, *, conninfo: str | None = None, schema: str | None 
             multiprocess.MultiProcessCollector(registry)
         else:
             registry.register(REGISTRY)
+    bounds = {"scrape_timeout": scrape_timeout, "min_interval": min_interval}
     if conninfo is None and app is not None:
-        broker = BrokerCollector.for_app(app, max_queues=max_queues)
+        broker = BrokerCollector.for_app(app, max_queues=max_queues, **bounds)
     elif conninfo is not None:
         broker = BrokerCollector(conninfo, schema or "kombu_pg", max_deliveries=max_deliveries,
-                                 max_queues=max_queues)
+                                 max_queues=max_queues, **bounds)
     else:
         broker = None
-    if broker is not None:
-        registry.register(broker)
+    parts = [broker] if broker is not None else []
     if results:
         if app is not None:
-            collector = ResultCollector.for_app(app)
+            parts.append(ResultCollector.for_app(app, **bounds))
         elif broker is not None:
-            collector = ResultCollector(broker._session.conninfo, broker.schema)
-        else:
-            collector = None
-        if collector is not None:
-            registry.register(collector)
+            parts.append(ResultCollector(broker._session.conninfo, broker.schema, **bounds))
+    registry.register(_Parts([part for part in parts if part is not None]))
     if app is not None and (dlq or (dlq is None and getattr(app, "_celery_dlq", None) is not None)):
         from celery_dlq.metrics import DLQCollector
 
@@ -413,8 +474,11 @@ def build_registry(app=None, *, conninfo: str | None = None, schema: str | None 
     return registry
 
 
-def start_http_server(port: int = 9808, addr: str = "0.0.0.0", *, app=None, registry=None, **kwargs):
+def start_http_server(port: int = 9808, addr: str = "127.0.0.1", *, app=None, registry=None, **kwargs):
     """Serve ``/metrics`` on ``addr:port`` from a daemon thread; returns (server, thread).
+
+    ``/metrics`` has no authentication, so the default address is the loopback one: pass
+    ``addr="0.0.0.0"`` (or a specific interface) to let a remote Prometheus in.
 
     ``registry`` defaults to :func:`build_registry(app, **kwargs) <build_registry>`.  From a
     worker, connect it to ``worker_init`` (the main process: one port per worker); under

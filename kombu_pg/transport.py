@@ -32,7 +32,7 @@ from kombu.utils.scheduling import FairCycle
 from psycopg.errors import ReadOnlySqlTransaction
 
 from . import metrics
-from .config import Options, build_conninfo, redact, sanitize_url
+from .config import Options, build_conninfo, redact, redact_url
 from .publish_batch import Batch, PublishBatch
 from .store import JOB_KEY_MODES, BrokerStore, Claimed, JobPublish, apply_migrations, check_version, connect
 from .store.broker import JOB_KEY_HEADER, JOB_KEY_MODE_HEADER, SERIAL_KEY_HEADER, OutgoingMessage
@@ -611,7 +611,10 @@ class Transport(virtual.Transport):
 
     @classmethod
     def as_uri(cls, uri: str, include_password: bool = False, mask: str = "**") -> str:
-        return uri if include_password else sanitize_url(uri, mask)
+        if include_password:
+            return uri
+        # Kombu's sanitizer masks the userinfo password only, not ?password=/?sslpassword=.
+        return redact_url(uri, mask)
 
     def close_connection(self, connection) -> None:
         self.unregister_from_event_loop()

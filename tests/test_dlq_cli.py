@@ -89,6 +89,14 @@ def test_exit_codes_distinguish_success_not_found_and_errors(env, pg_url):
     assert result.exit_code == EXIT_ERROR and "error:" in result.output
 
 
+def test_out_of_range_times_are_usage_errors(env):
+    # The CLI shares the HTTP admin's time parser: an age past year 1 is bad usage, not a crash.
+    for value in ("99999999999w", "9" * 400 + "s", "yesterday"):
+        result = cli(env, "list", "--since", value)
+        assert result.exit_code == EXIT_USAGE and "Invalid value for '--since'" in result.output, result.output
+    assert cli(env, "list", "--since", "2h").exit_code == EXIT_OK
+
+
 def test_bulk_operations_dry_run_then_real(env):
     a = [add(env, task="proj.a") for _ in range(3)]
     b = add(env, task="proj.b")

@@ -13,14 +13,17 @@ import time
 import urllib.request
 from datetime import datetime, timedelta, timezone
 
+import psycopg
 import pytest
 from celery import Celery, states
+from click.testing import CliRunner
 from kombu import Connection, Consumer, Exchange, Producer, Queue
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
 from kombu_pg import metrics
+from kombu_pg.cli import pg
 from kombu_pg.metrics import KINDS, OTHER_QUEUE, OTHER_STATE, TEMPORARY_QUEUE, BrokerCollector, ResultCollector
 from kombu_pg.store import BrokerStore, apply_migrations, connect
 
@@ -238,7 +241,70 @@ def test_gauges_match_sql_truth(store, pg_conn, pg_url, schema):
 def test_unreachable_database_reports_scrape_not_ok(schema):
     registry = CollectorRegistry()
     registry.register(BrokerCollector("postgresql://postgres@127.0.0.1:1/x?connect_timeout=2", schema))
-    assert samples(registry) == {("kombu_pg_scrape_ok", frozenset({("part", "broker")})): 0}
+    found = samples(registry)
+    assert {name for name, _ in found} == {"kombu_pg_scrape_ok", "kombu_pg_scrape_duration_seconds",
+                                          "kombu_pg_scrape_age_seconds"}
+    assert value(found, "kombu_pg_scrape_ok", part="broker") == 0
+
+
+def test_a_scrape_blocked_in_the_database_is_cut_at_the_scrape_timeout(pg_url, schema):
+    """A scrape whose query cannot finish (here: the table is locked) answers by the
+    timeout, with scrape_ok 0, instead of hanging the exporter (and Prometheus)."""
+    conn = connect(pg_url)
+    apply_migrations(conn, schema)
+    BrokerStore(conn, schema).publish("q", "x")
+    registry = CollectorRegistry()
+    registry.register(BrokerCollector(pg_url, schema, scrape_timeout=0.5, min_interval=0))
+    locker = psycopg.connect(pg_url)
+    locker.execute(sql.SQL("LOCK TABLE {}.messages IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(schema)))
+    done: list[dict] = []
+    scrape = threading.Thread(target=lambda: done.append(samples(registry)), daemon=True)
+    try:
+        scrape.start()
+        scrape.join(30)
+        finished = not scrape.is_alive()
+    finally:
+        locker.rollback()  # lets a scrape without a timeout finish, so the test can fail
+        locker.close()
+        scrape.join(30)
+    assert finished, "the scrape waited on the lock instead of timing out"
+    assert value(done[0], "kombu_pg_scrape_ok", part="broker") == 0
+    assert 0.5 <= value(done[0], "kombu_pg_scrape_duration_seconds", part="broker") < 30
+    # The lock is gone: the next scrape reads the queue again on a fresh session.
+    found = samples(registry)
+    assert value(found, "kombu_pg_scrape_ok", part="broker") == 1
+    assert value(found, "kombu_pg_queue_ready_messages", queue="q") == 1
+    conn.close()
+
+
+def test_readings_are_reused_for_the_minimum_interval(pg_url, schema):
+    """However many scrapers, each part queries the database once per min_interval."""
+    conn = connect(pg_url)
+    apply_migrations(conn, schema)
+    store = BrokerStore(conn, schema)
+    store.publish("q", "x")
+    cached, fresh = CollectorRegistry(), CollectorRegistry()
+    cached.register(BrokerCollector(pg_url, schema, min_interval=3600))
+    fresh.register(BrokerCollector(pg_url, schema, min_interval=0))
+    assert value(samples(cached), "kombu_pg_queue_ready_messages", queue="q") == 1
+    assert value(samples(fresh), "kombu_pg_queue_ready_messages", queue="q") == 1
+    store.publish("q", "y")
+    again = samples(cached)
+    assert value(again, "kombu_pg_queue_ready_messages", queue="q") == 1  # the first reading
+    assert value(again, "kombu_pg_scrape_age_seconds", part="broker") > 0
+    assert value(samples(fresh), "kombu_pg_queue_ready_messages", queue="q") == 2
+    conn.close()
+
+
+def test_the_exporter_listens_on_loopback_unless_told_otherwise(pg_url, schema):
+    server, _ = metrics.start_http_server(0, conninfo=pg_url, schema=schema, events=False)
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+    finally:
+        server.shutdown()
+        server.server_close()
+    default = CliRunner().invoke(pg, ["metrics", "--help"])
+    assert "--addr TEXT" in default.output and "[default: 127.0.0.1]" in default.output
 
 
 def test_result_gauges_count_results_by_state(pg_url, pg_conn, schema):
@@ -267,6 +333,11 @@ def test_result_gauges_count_results_by_state(pg_url, pg_conn, schema):
     found = samples(metrics.build_registry(conninfo=pg_url, schema=schema, events=False))
     assert value(found, "kombu_pg_results", state="SUCCESS") == 3
     assert value(found, "kombu_pg_scrape_ok", part="broker") == 1
+    # Both parts report kombu_pg_scrape_*: one family each, as the exposition format wants.
+    text = generate_latest(metrics.build_registry(conninfo=pg_url, schema=schema, events=False)).decode()
+    types = [line for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types)), types
+    assert value(samples(text), "kombu_pg_scrape_ok", part="results") == 1
     # Not a kombu-pg backend: nothing to collect.
     assert ResultCollector.for_app(Celery("x", backend="cache+memory://", set_as_current=False)) is None
 
@@ -290,6 +361,7 @@ def test_label_sets_are_bounded(pg_url, schema):
         "kombu_pg_messages_acked_total": {"kind"}, "kombu_pg_messages_redelivered_total": {"kind"},
         "kombu_pg_messages_rejected_total": {"kind", "requeue"},
         "kombu_pg_results": {"state"}, "kombu_pg_scrape_ok": {"part"},
+        "kombu_pg_scrape_duration_seconds": {"part"}, "kombu_pg_scrape_age_seconds": {"part"},
     }
     ours = {(name, labels): v for (name, labels), v in found.items() if name.startswith("kombu_pg_")}
     assert ("kombu_pg_queue_ready_messages", frozenset({("queue", "bounded")})) in ours
@@ -391,7 +463,7 @@ def test_exporter_command_serves_metrics_over_http(app_env, pg_url, pg_conn, sch
         store.publish("reports", f"r{i}", serial_key="k" if i else None)
     cid = store.register_consumer()
     store.claim("reports", 1, cid)
-    exporter = Exporter({**app_env, "METRICS_DLQ": "1"})
+    exporter = Exporter({**app_env, "METRICS_DLQ": "1"}, "--min-interval", "0")
     try:
         found = exporter.scrape()
         expected = truth(pg_conn, schema, 10)["reports"]
@@ -401,7 +473,7 @@ def test_exporter_command_serves_metrics_over_http(app_env, pg_url, pg_conn, sch
         assert value(found, "kombu_pg_scrape_ok", part="broker") == 1
         assert value(found, "kombu_pg_scrape_ok", part="results") == 1  # the app's kombu-pg backend
         assert value(found, "celery_dlq_scrape_ok") == 1  # the app installs celery_dlq
-        # Gauges are read at every scrape: a new message shows at once.
+        # With --min-interval 0, gauges are read at every scrape: a new message shows at once.
         store.publish("reports", "r3")
         assert value(exporter.scrape(), "kombu_pg_queue_ready_messages", queue="reports") == 3
     finally:

@@ -229,31 +229,51 @@ ON CONFLICT (id) DO NOTHING
 -- temporary: declared auto-delete, exclusive or with x-expires (pidbox, reply and event
 -- queues, whose names carry host names or uuids).  oldest_ready_age: age of the oldest
 -- message a consumer could take now (not delayed, not in flight, not poison).
-WITH names AS (
-    SELECT name AS queue, (auto_delete OR exclusive OR expires_ms IS NOT NULL) AS temporary
-    FROM {schema}.queues
-    UNION
-    SELECT DISTINCT m.queue, false FROM {schema}.messages m
-    WHERE NOT EXISTS (SELECT 1 FROM {schema}.queues q WHERE q.name = m.queue)
+-- Cost: one sequential scan of messages with hash aggregation (per queue and serial key,
+-- then per queue); in-flight rows, few, come from the lock_token index.  Counting
+-- DISTINCT in the scan itself sorted every queue's rows: ~25 s at 3M messages, not ~3 s.
+WITH per_key AS (
+    SELECT queue, serial_key,
+           count(*) FILTER (WHERE lock_token IS NULL AND visible_at IS NULL
+                              AND delivery_count < coalesce(%(max_deliveries)s, 2147483647)) AS ready,
+           count(*) FILTER (WHERE lock_token IS NOT NULL) AS in_flight,
+           count(*) FILTER (WHERE lock_token IS NULL AND visible_at IS NOT NULL) AS delayed,
+           count(*) FILTER (WHERE lock_token IS NULL
+                              AND delivery_count >= coalesce(%(max_deliveries)s, 2147483647)) AS poison,
+           count(*) FILTER (WHERE lock_token IS NULL) AS waiting,
+           min(created_at) FILTER (WHERE lock_token IS NULL) AS oldest,
+           min(created_at) FILTER (WHERE lock_token IS NULL AND visible_at IS NULL
+                                     AND delivery_count < coalesce(%(max_deliveries)s, 2147483647)) AS oldest_ready
+    FROM {schema}.messages
+    GROUP BY queue, serial_key
+), counts AS (
+    SELECT queue, sum(ready) AS ready, sum(in_flight) AS in_flight, sum(delayed) AS delayed,
+           sum(poison) AS poison, min(oldest) AS oldest, min(oldest_ready) AS oldest_ready,
+           count(serial_key) FILTER (WHERE waiting > 0) AS keys_waiting
+    FROM per_key
+    GROUP BY queue
+), held AS (
+    SELECT queue, count(DISTINCT locked_by) AS consumers_holding,
+           count(DISTINCT serial_key) AS keys_in_flight
+    FROM {schema}.messages
+    WHERE lock_token IS NOT NULL
+    GROUP BY queue
 )
-SELECT n.queue,
-       count(m.id) FILTER (WHERE m.lock_token IS NULL AND m.visible_at IS NULL
-                             AND m.delivery_count < coalesce(%(max_deliveries)s, 2147483647)) AS ready,
-       count(m.id) FILTER (WHERE m.lock_token IS NOT NULL) AS in_flight,
-       count(m.id) FILTER (WHERE m.lock_token IS NULL AND m.visible_at IS NOT NULL) AS delayed,
-       count(m.id) FILTER (WHERE m.lock_token IS NULL
-                             AND m.delivery_count >= coalesce(%(max_deliveries)s, 2147483647)) AS poison,
-       extract(epoch FROM now() - min(m.created_at) FILTER (WHERE m.lock_token IS NULL)) AS oldest_age,
-       count(DISTINCT m.locked_by) FILTER (WHERE m.lock_token IS NOT NULL) AS consumers_holding,
-       count(DISTINCT m.serial_key) FILTER (WHERE m.lock_token IS NOT NULL) AS keys_in_flight,
-       count(DISTINCT m.serial_key) FILTER (WHERE m.lock_token IS NULL) AS keys_waiting,
-       extract(epoch FROM now() - min(m.created_at) FILTER (
-           WHERE m.lock_token IS NULL AND m.visible_at IS NULL
-             AND m.delivery_count < coalesce(%(max_deliveries)s, 2147483647))) AS oldest_ready_age,
-       n.temporary
-FROM names n LEFT JOIN {schema}.messages m ON m.queue = n.queue
-GROUP BY n.queue, n.temporary
-ORDER BY n.queue
+SELECT coalesce(q.name, c.queue) AS queue,
+       coalesce(c.ready, 0)::bigint AS ready,
+       coalesce(c.in_flight, 0)::bigint AS in_flight,
+       coalesce(c.delayed, 0)::bigint AS delayed,
+       coalesce(c.poison, 0)::bigint AS poison,
+       extract(epoch FROM now() - c.oldest) AS oldest_age,
+       coalesce(h.consumers_holding, 0) AS consumers_holding,
+       coalesce(h.keys_in_flight, 0) AS keys_in_flight,
+       coalesce(c.keys_waiting, 0) AS keys_waiting,
+       extract(epoch FROM now() - c.oldest_ready) AS oldest_ready_age,
+       coalesce(q.auto_delete OR q.exclusive OR q.expires_ms IS NOT NULL, false) AS temporary
+FROM {schema}.queues q
+FULL JOIN counts c ON c.queue = q.name
+LEFT JOIN held h ON h.queue = coalesce(q.name, c.queue)
+ORDER BY 1
 
 -- name: serial_key_stats
 -- Keys with messages, busiest first: whether one is in flight and how many wait.

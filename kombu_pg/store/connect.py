@@ -8,6 +8,8 @@ from typing import Callable
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from ..config import scrub
+
 #: Broker sessions run short statements only.  JIT compilation never pays off for them,
 #: yet the planner asks for it whenever its estimate passes ``jit_above_cost``, and for a
 #: queue table without fresh statistics (a burst, autovacuum off or behind) the estimate
@@ -26,7 +28,15 @@ def connect(conninfo: str, *, jit: bool = True, **kwargs) -> psycopg.Connection:
     if not jit:
         given = kwargs.get("options") or conninfo_to_dict(conninfo).get("options") or ""
         kwargs["options"] = f"{given} {NO_JIT}".strip()
-    return psycopg.connect(conninfo, autocommit=True, **kwargs)
+    try:
+        return psycopg.connect(conninfo, autocommit=True, **kwargs)
+    except psycopg.Error as exc:
+        # libpq quotes parts of a conninfo it cannot parse; raised again with the secrets
+        # masked, and without the original (``from None``), so no traceback shows them.
+        message = scrub(str(exc), conninfo, kwargs)
+        if message == str(exc):
+            raise
+        raise type(exc)(message) from None
 
 
 def read_only(conn: psycopg.Connection) -> bool:

@@ -45,6 +45,12 @@ def superseded_count(kind: str = "parallel") -> float:
     return REGISTRY.get_sample_value("kombu_pg_messages_superseded_total", {"kind": kind}) or 0.0
 
 
+def notified(listener: psycopg.Connection, timeout: float = 10) -> set[str]:
+    """The payloads of the notifications ``listener`` gets within ``timeout`` of the first."""
+    select.select([listener.fileno()], [], [], timeout)
+    return {n.payload for n in listener.notifies(timeout=0)}
+
+
 @pytest.fixture
 def conn(pg_url, schema):
     with Connection(pg_url, transport_options={"schema": schema, "polling_interval": 0.5}) as c:
@@ -263,8 +269,7 @@ def test_superseding_a_serial_keyed_message_wakes_the_queue_of_the_waiting_one(s
     with psycopg.connect(pg_url, autocommit=True) as listener:
         listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(store.channel)))
         assert store.requeue([a.token]) == []
-        select.select([listener.fileno()], [], [], 10)
-        assert "q2" in {n.payload for n in listener.notifies(timeout=0)}
+        assert "q2" in notified(listener)
     assert [m.payload for m in store.claim("q2", 1, cid)] == [payload("b")]
 
 
@@ -346,3 +351,21 @@ def test_warm_shutdown_hands_back_a_held_eta_task_whose_job_key_has_a_waiting_tw
     assert "could not hand back" not in worker.output()
     assert f"task {first.task_id} (job key 'digest:7'" in worker.output()
     assert message_rows(pg_conn, schema) == [(second.task_id, "celery", False)]
+
+
+# -- review: other statements that end a delivery ------------------------------------------
+
+
+def test_quarantining_a_serial_keyed_row_wakes_its_queue_for_the_keys_next_message(store, pg_url, pg_conn):
+    """Like an ack, moving an undecodable row away frees its serial key; without a NOTIFY
+    the key's next message waited for the consumer's next poll."""
+    cid = store.register_consumer()
+    pg_conn.execute(sql.SQL("INSERT INTO {}.messages (queue, payload, serial_key) VALUES ('bad', 'not json', 's')")
+                    .format(sql.Identifier(store.schema)))
+    store.publish("bad", payload("after"), serial_key="s")
+    [junk] = store.claim("bad", 5, cid)  # the key's head; its next message waits for it
+    with psycopg.connect(pg_url, autocommit=True) as listener:
+        listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(store.channel)))
+        store.quarantine(junk.token, "not JSON")
+        assert notified(listener) == {"bad"}
+    assert [m.payload for m in store.claim("bad", 5, cid)] == [payload("after")]

@@ -124,13 +124,16 @@ SELECT queue FROM {schema}.ack(%(tokens)s::uuid[], %(channel)s, %(durable)s) AS 
 SELECT * FROM {schema}.unlock(%(tokens)s::uuid[], %(channel)s)
 
 -- name: quarantine
--- Move a message that cannot be decoded out of the way, whole, in one statement.
+-- Move a message that cannot be decoded out of the way, whole, in one statement.  Like an
+-- ack, this frees its serial key: the queue is woken for the key's next message.
 WITH moved AS (
     DELETE FROM {schema}.messages WHERE lock_token = %(token)s::uuid
-    RETURNING id, queue, payload
+    RETURNING id, queue, payload, serial_key
+), kept AS (
+    INSERT INTO {schema}.invalid_messages (id, queue, payload, error)
+    SELECT id, queue, payload, %(error)s FROM moved
 )
-INSERT INTO {schema}.invalid_messages (id, queue, payload, error)
-SELECT id, queue, payload, %(error)s FROM moved
+SELECT pg_notify(%(channel)s, queue) FROM moved WHERE serial_key IS NOT NULL
 
 -- name: purge
 DELETE FROM {schema}.messages WHERE queue = %(queue)s AND lock_token IS NULL

@@ -359,7 +359,7 @@ class BrokerStore:
         return bool(existed)
 
     def quarantine(self, token: str, error: str) -> None:
-        self._exec("quarantine", {"token": token, "error": error})
+        self._exec("quarantine", {"token": token, "error": error, "channel": self.channel})
 
     def set_aside(self, message_id: int, queue: str, payload: str, error: str) -> None:
         self._exec("set_aside", dict(id=message_id, queue=queue, payload=payload, error=error))

@@ -120,7 +120,8 @@ SELECT queue FROM {schema}.ack(%(tokens)s::uuid[], %(channel)s, %(durable)s) AS 
 
 -- name: requeue
 -- Unlock in place (never a copy): the message keeps its id, so its position.  One with a
--- job key whose key has a waiting message is superseded instead (migration 0008).
+-- job key whose key has a waiting message is superseded instead (the unlock function of
+-- migration *_unlock_job_keys.sql).
 SELECT * FROM {schema}.unlock(%(tokens)s::uuid[], %(channel)s)
 
 -- name: quarantine

@@ -334,7 +334,8 @@ class BrokerStore:
         return list(self._unlock("requeue", {"tokens": tokens, "channel": self.channel}).released)
 
     def _unlock(self, name: str, params: dict) -> Unlocked:
-        """Run a statement returning the rows of the ``unlock`` function (migration 0008)."""
+        """Run a statement returning the rows of the ``unlock`` function (migration
+        ``*_unlock_job_keys.sql``)."""
         result = Unlocked()
         for queue, unlocked, job_key, serial, task_id, waiting_task_id in self._exec(name, params):
             if job_key is None:

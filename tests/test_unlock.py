@@ -309,12 +309,12 @@ def test_a_claim_on_the_shared_connection_is_committed_when_it_returns_while_bin
     thread = threading.Thread(target=claimer)
     thread.start()
     n = 0
-    while thread.is_alive():
+    while n == 0 or thread.is_alive():
         store.bind("ex", f"bound{n % 4}", "rk", None)
         store.unregister_consumer(store.register_consumer())
         n += 1
     thread.join()
-    assert len(claims) == 40 and n > 0
+    assert len(claims) == 40
     assert uncommitted == []
     assert store.size("work") == 0 and len(store.bindings("ex")) == min(n, 4)
 

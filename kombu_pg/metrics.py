@@ -47,7 +47,7 @@ from psycopg import sql
 
 from .store import BrokerStore, connect
 from .store.connect import ProcessConnection
-from .store.broker import SERIAL_KEY_HEADER
+from .store.broker import SERIAL_KEY_HEADER, Superseded
 
 try:  # prometheus_client is a dependency, but the transport must work without it
     from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
@@ -77,8 +77,8 @@ _enabled = Counter is not None and os.environ.get("KOMBU_PG_METRICS", "1").lower
 
 
 def _define() -> None:
-    global PUBLISHED, DELIVERED, ACKED, REJECTED, REDELIVERED, PUBLISH_SECONDS, CLAIM_SECONDS
-    global _published, _delivered, _acked, _redelivered, _rejected
+    global PUBLISHED, DELIVERED, ACKED, REJECTED, REDELIVERED, SUPERSEDED, PUBLISH_SECONDS, CLAIM_SECONDS
+    global _published, _delivered, _acked, _redelivered, _superseded, _rejected
     PUBLISHED = Counter("kombu_pg_messages_published", "Messages written to a queue by this "
                         "transport (a routed publish counts once per queue it reached).", ("kind",))
     DELIVERED = Counter("kombu_pg_messages_delivered", "Messages claimed and handed to a consumer.",
@@ -89,6 +89,9 @@ def _define() -> None:
                        ("kind", "requeue"))
     REDELIVERED = Counter("kombu_pg_messages_redelivered", "Deliveries of a message delivered "
                           "before (requeued, or recovered from a dead consumer).", ("kind",))
+    SUPERSEDED = Counter("kombu_pg_messages_superseded", "Delivered messages deleted when their "
+                         "delivery ended without an ack while a message with their job key was "
+                         "waiting (docs/job-keys.md).", ("kind",))
     PUBLISH_SECONDS = Histogram("kombu_pg_publish_duration_seconds",
                                 "Time of one publish statement (insert, route, notify).",
                                 buckets=LATENCY_BUCKETS)
@@ -100,6 +103,7 @@ def _define() -> None:
     _delivered = (DELIVERED.labels("parallel"), DELIVERED.labels("serial"))
     _acked = (ACKED.labels("parallel"), ACKED.labels("serial"))
     _redelivered = (REDELIVERED.labels("parallel"), REDELIVERED.labels("serial"))
+    _superseded = (SUPERSEDED.labels("parallel"), SUPERSEDED.labels("serial"))
     _rejected = {(serial, requeue): REJECTED.labels(KINDS[serial], "true" if requeue else "false")
                  for serial in (False, True) for requeue in (False, True)}
 
@@ -173,6 +177,13 @@ def rejected(message: Any, requeue: bool) -> None:
     """A delivery was rejected; ``requeue`` says whether it went back to its queue."""
     if _enabled:
         _rejected[_is_serial(getattr(message, "headers", None)), bool(requeue)].inc()
+
+
+def superseded(messages: Sequence[Superseded]) -> None:
+    """Unlocks (in this process) deleted ``messages``: a newer one with their job key waits."""
+    if _enabled:
+        for message in messages:
+            _superseded[message.serial].inc()
 
 
 # -- scrape-time collectors -----------------------------------------------------------------

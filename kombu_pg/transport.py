@@ -541,8 +541,13 @@ class Transport(virtual.Transport):
             if self._work is None:
                 conn = self._connect()
                 self._migrate(conn)
-                self._work = BrokerStore(conn, self.options.schema)
+                self._work = self._store(conn)
             return self._work
+
+    def _store(self, conn: psycopg.Connection) -> BrokerStore:
+        store = BrokerStore(conn, self.options.schema)
+        store.on_superseded = metrics.superseded
+        return store
 
     def _connect(self) -> psycopg.Connection:
         try:
@@ -590,7 +595,7 @@ class Transport(virtual.Transport):
         # threads, whose statements must never land inside it.
         with self._lock:
             if self._maintenance is None:
-                self._maintenance = BrokerStore(self.listener().conn, self.options.schema)
+                self._maintenance = self._store(self.listener().conn)
             return self._maintenance
 
     def _wake_pipe(self) -> tuple[int, int]:

@@ -359,6 +359,7 @@ def test_label_sets_are_bounded(pg_url, schema):
     allowed_labels = {
         "kombu_pg_messages_published_total": {"kind"}, "kombu_pg_messages_delivered_total": {"kind"},
         "kombu_pg_messages_acked_total": {"kind"}, "kombu_pg_messages_redelivered_total": {"kind"},
+        "kombu_pg_messages_superseded_total": {"kind"},
         "kombu_pg_messages_rejected_total": {"kind", "requeue"},
         "kombu_pg_results": {"state"}, "kombu_pg_scrape_ok": {"part"},
         "kombu_pg_scrape_duration_seconds": {"part"}, "kombu_pg_scrape_age_seconds": {"part"},

@@ -9,9 +9,6 @@ SET durable = EXCLUDED.durable, exclusive = EXCLUDED.exclusive, auto_delete = EX
     message_ttl_ms = EXCLUDED.message_ttl_ms, expires_ms = EXCLUDED.expires_ms,
     max_priority = EXCLUDED.max_priority, last_used_at = now()
 
--- name: ensure_queue
-INSERT INTO {schema}.queues (name) VALUES (%(name)s) ON CONFLICT (name) DO NOTHING
-
 -- name: queue_exists
 SELECT EXISTS (SELECT 1 FROM {schema}.queues WHERE name = %(name)s)
     OR EXISTS (SELECT 1 FROM {schema}.messages WHERE queue = %(name)s)
@@ -34,9 +31,6 @@ VALUES (%(name)s, %(type)s, %(durable)s, %(auto_delete)s)
 ON CONFLICT (name) DO UPDATE SET type = EXCLUDED.type, durable = EXCLUDED.durable,
     auto_delete = EXCLUDED.auto_delete
 
--- name: ensure_exchange
-INSERT INTO {schema}.exchanges (name, type) VALUES (%(name)s, %(type)s) ON CONFLICT (name) DO NOTHING
-
 -- name: exchange_type
 SELECT type FROM {schema}.exchanges WHERE name = %(name)s
 
@@ -48,6 +42,14 @@ WITH gone AS (DELETE FROM {schema}.bindings WHERE exchange = %(name)s)
 DELETE FROM {schema}.exchanges WHERE name = %(name)s
 
 -- name: bind
+-- The queue and exchange rows are created if missing, in the same statement: one
+-- statement, never a transaction, since the connection is shared by threads whose
+-- statements would land inside it.
+WITH queue AS (
+    INSERT INTO {schema}.queues (name) VALUES (%(queue)s) ON CONFLICT (name) DO NOTHING
+), exchange AS (
+    INSERT INTO {schema}.exchanges (name, type) VALUES (%(exchange)s, %(type)s) ON CONFLICT (name) DO NOTHING
+)
 INSERT INTO {schema}.bindings (exchange, queue, routing_key, pattern)
 VALUES (%(exchange)s, %(queue)s, %(routing_key)s, %(pattern)s)
 ON CONFLICT (exchange, queue, routing_key) DO UPDATE SET pattern = EXCLUDED.pattern
@@ -117,23 +119,22 @@ SELECT * FROM {schema}.ack_and_claim(%(acks)s::uuid[], %(channel)s, %(durable)s,
 SELECT queue FROM {schema}.ack(%(tokens)s::uuid[], %(channel)s, %(durable)s) AS queue
 
 -- name: requeue
--- Unlock in place (never a copy): the message keeps its id, so its position.
-WITH freed AS (
-    UPDATE {schema}.messages
-    SET lock_token = NULL, locked_by = NULL, locked_at = NULL
-    WHERE lock_token = ANY(%(tokens)s::uuid[])
-    RETURNING queue
-)
-SELECT queue, pg_notify(%(channel)s, queue) FROM (SELECT DISTINCT queue FROM freed) q
+-- Unlock in place (never a copy): the message keeps its id, so its position.  One with a
+-- job key whose key has a waiting message is superseded instead (the unlock function of
+-- migration *_unlock_job_keys.sql).
+SELECT * FROM {schema}.unlock(%(tokens)s::uuid[], %(channel)s)
 
 -- name: quarantine
--- Move a message that cannot be decoded out of the way, whole, in one statement.
+-- Move a message that cannot be decoded out of the way, whole, in one statement.  Like an
+-- ack, this frees its serial key: the queue is woken for the key's next message.
 WITH moved AS (
     DELETE FROM {schema}.messages WHERE lock_token = %(token)s::uuid
-    RETURNING id, queue, payload
+    RETURNING id, queue, payload, serial_key
+), kept AS (
+    INSERT INTO {schema}.invalid_messages (id, queue, payload, error)
+    SELECT id, queue, payload, %(error)s FROM moved
 )
-INSERT INTO {schema}.invalid_messages (id, queue, payload, error)
-SELECT id, queue, payload, %(error)s FROM moved
+SELECT pg_notify(%(channel)s, queue) FROM moved WHERE serial_key IS NOT NULL
 
 -- name: purge
 DELETE FROM {schema}.messages WHERE queue = %(queue)s AND lock_token IS NULL
@@ -162,14 +163,13 @@ RETURNING id
 
 -- name: unregister_consumer
 WITH freed AS (
-    UPDATE {schema}.messages
-    SET lock_token = NULL, locked_by = NULL, locked_at = NULL
-    WHERE locked_by = %(id)s AND lock_token IS NOT NULL
-    RETURNING queue
+    SELECT * FROM {schema}.unlock(
+        ARRAY(SELECT lock_token FROM {schema}.messages WHERE locked_by = %(id)s AND lock_token IS NOT NULL),
+        %(channel)s)
 ), gone AS (
     DELETE FROM {schema}.consumers WHERE id = %(id)s
 )
-SELECT queue, pg_notify(%(channel)s, queue) FROM (SELECT DISTINCT queue FROM freed) q
+SELECT * FROM freed
 
 -- name: release_consumer_lock
 SELECT pg_advisory_unlock(hashtext(%(namespace)s), %(id)s)
@@ -187,19 +187,19 @@ WHERE CASE WHEN id = ANY(%(own)s::integer[]) THEN false
 
 -- name: release_stale
 -- Unlock messages of dead consumers, orphans, and (optionally) locks older than the
--- visibility timeout; then forget the dead consumers.
+-- visibility timeout; then forget the dead consumers.  By lock token, so a message
+-- requeued and claimed again meanwhile keeps its new delivery.
 WITH freed AS (
-    UPDATE {schema}.messages m
-    SET lock_token = NULL, locked_by = NULL, locked_at = NULL
-    WHERE m.lock_token IS NOT NULL
-      AND (m.locked_by = ANY(%(dead)s::integer[])
-           OR NOT EXISTS (SELECT 1 FROM {schema}.consumers c WHERE c.id = m.locked_by)
-           OR m.locked_at < now() - make_interval(secs => %(visibility_timeout)s))
-    RETURNING m.queue
+    SELECT * FROM {schema}.unlock(ARRAY(
+        SELECT m.lock_token FROM {schema}.messages m
+        WHERE m.lock_token IS NOT NULL
+          AND (m.locked_by = ANY(%(dead)s::integer[])
+               OR NOT EXISTS (SELECT 1 FROM {schema}.consumers c WHERE c.id = m.locked_by)
+               OR m.locked_at < now() - make_interval(secs => %(visibility_timeout)s))), %(channel)s)
 ), gone AS (
     DELETE FROM {schema}.consumers WHERE id = ANY(%(dead)s::integer[])
 )
-SELECT queue, count(*), pg_notify(%(channel)s, queue) FROM freed GROUP BY queue
+SELECT * FROM freed
 
 -- name: delete_expired_messages
 DELETE FROM {schema}.messages

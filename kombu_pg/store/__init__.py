@@ -4,7 +4,7 @@ Nothing in this package imports Kombu or Celery, so it can be tested on its own 
 a real PostgreSQL server.
 """
 
-from .broker import JOB_KEY_MODES, BrokerStore, Claimed, JobPublish, RecoveryReport
+from .broker import JOB_KEY_MODES, BrokerStore, Claimed, JobPublish, RecoveryReport, Superseded
 from .connect import connect
 from .migrations import (
     MigrationError,
@@ -26,6 +26,7 @@ __all__ = [
     "MigrationError",
     "Queries",
     "RecoveryReport",
+    "Superseded",
     "ResultListener",
     "ResultStore",
     "apply_migrations",

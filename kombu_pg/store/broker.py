@@ -7,7 +7,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import psycopg
 from psycopg.pq import TransactionStatus
@@ -64,13 +64,37 @@ JOB_KEY_HEADER = "job_key"
 JOB_KEY_MODE_HEADER = "job_key_mode"
 
 
+@dataclass(frozen=True)
+class Superseded:
+    """A delivered message whose delivery ended without an ack (requeue, hand-back,
+    unregister, recovery) while another message with its job key was waiting: deleted,
+    the waiting one (the newer request for the job) runs instead."""
+
+    queue: str
+    job_key: str
+    serial: bool
+    task_id: str | None
+    waiting_task_id: str | None
+
+
+@dataclass
+class Unlocked:
+    """What an unlock did: messages unlocked per queue, and the ones superseded."""
+
+    released: dict[str, int] = field(default_factory=dict)
+    superseded: list[Superseded] = field(default_factory=list)
+
+
 @dataclass
 class RecoveryReport:
     ran: bool = False
     dead_consumers: list[int] = field(default_factory=list)
     released: dict[str, int] = field(default_factory=dict)
+    superseded: list[Superseded] = field(default_factory=list)
     expired_messages: int = 0
     expired_queues: list[str] = field(default_factory=list)
+    #: Parts of the pass that failed (each logged); the others still ran.
+    failed: list[str] = field(default_factory=list)
 
 
 class BrokerStore:
@@ -93,6 +117,8 @@ class BrokerStore:
         self._namespace = schema
         self._serial_namespace = f"{schema}:serial"
         self._dlq: Queries | None = None
+        #: Called with the messages every unlock superseded (the transport counts them).
+        self.on_superseded: Callable[[Sequence[Superseded]], None] | None = None
 
     # -- helpers ---------------------------------------------------------------
 
@@ -153,14 +179,9 @@ class BrokerStore:
         self._exec("delete_exchange", {"name": name})
 
     def bind(self, exchange: str, queue: str, routing_key: str, pattern: str | None, *, exchange_type: str = "direct") -> None:
-        """Bind in one transaction; the queue and exchange rows are created if missing."""
-        with self.conn.transaction():
-            self._exec("ensure_queue", {"name": queue})
-            self._exec("ensure_exchange", {"name": exchange, "type": exchange_type})
-            self._exec(
-                "bind",
-                dict(exchange=exchange, queue=queue, routing_key=routing_key or "", pattern=pattern),
-            )
+        """Bind in one statement; the queue and exchange rows are created if missing."""
+        self._exec("bind", dict(exchange=exchange, queue=queue, routing_key=routing_key or "", pattern=pattern,
+                                type=exchange_type))
 
     def unbind(self, exchange: str, queue: str, routing_key: str) -> None:
         self._exec("unbind", dict(exchange=exchange, queue=queue, routing_key=routing_key or ""))
@@ -327,11 +348,33 @@ class BrokerStore:
                                                  "durable": durable})]
 
     def requeue(self, tokens: Iterable[str]) -> list[str]:
-        """Unlock delivered messages in place and wake consumers; return the queues."""
+        """Unlock delivered messages in place and wake consumers; return the queues.
+
+        A message with a job key that has a waiting message is superseded instead (see
+        :class:`Superseded`).
+        """
         tokens = list(tokens)
         if not tokens:
             return []
-        return [r[0] for r in self._exec("requeue", {"tokens": tokens, "channel": self.channel})]
+        return list(self._unlock("requeue", {"tokens": tokens, "channel": self.channel}).released)
+
+    def _unlock(self, name: str, params: dict) -> Unlocked:
+        """Run a statement returning the rows of the ``unlock`` function (migration
+        ``*_unlock_job_keys.sql``)."""
+        result = Unlocked()
+        for queue, unlocked, job_key, serial, task_id, waiting_task_id in self._exec(name, params):
+            if job_key is None:
+                result.released[queue] = unlocked
+            else:
+                result.superseded.append(Superseded(queue, job_key, serial, task_id, waiting_task_id))
+        for gone in result.superseded:
+            logger.warning(
+                "kombu-pg: task %s (job key %r, queue %r) was delivered and not acked while task %s "
+                "with the same job key was waiting: superseded by it and deleted",
+                gone.task_id, gone.job_key, gone.queue, gone.waiting_task_id)
+        if result.superseded and self.on_superseded is not None:
+            self.on_superseded(result.superseded)
+        return result
 
     def dead_letter(self, token: str, detail: str | None = None) -> bool:
         """Move one delivered message into the dead-letter table (celery_dlq's), whole, in
@@ -342,7 +385,7 @@ class BrokerStore:
         return bool(existed)
 
     def quarantine(self, token: str, error: str) -> None:
-        self._exec("quarantine", {"token": token, "error": error})
+        self._exec("quarantine", {"token": token, "error": error, "channel": self.channel})
 
     def set_aside(self, message_id: int, queue: str, payload: str, error: str) -> None:
         self._exec("set_aside", dict(id=message_id, queue=queue, payload=payload, error=error))
@@ -389,35 +432,43 @@ class BrokerStore:
         )
 
     def unregister_consumer(self, consumer_id: int) -> list[str]:
-        """Hand back everything the consumer still holds and drop its row and lock."""
-        with self.conn.transaction():
-            queues = [
-                r[0]
-                for r in self._exec("unregister_consumer", {"id": consumer_id, "channel": self.channel})
-            ]
+        """Hand back everything the consumer still holds and drop its row and lock.
+
+        One statement each, never a transaction: the connection may be shared by threads.
+        """
+        unlocked = self._unlock("unregister_consumer", {"id": consumer_id, "channel": self.channel})
         self._exec("release_consumer_lock", {"namespace": self._namespace, "id": consumer_id})
-        return queues
+        return list(unlocked.released)
 
     def recover(self, own_consumers: Sequence[int], visibility_timeout: float | None = None) -> RecoveryReport:
-        """One recovery pass; skipped (``ran=False``) while another session runs one."""
+        """One recovery pass; skipped (``ran=False``) while another session runs one.
+
+        Runs in a transaction, so the connection must be one no other thread uses.  Each
+        part runs in a savepoint: a part that fails is logged and undone alone, and the
+        others still run (only a lost connection ends the pass).
+        """
         report = RecoveryReport()
         with self.conn.transaction():
             if not self._scalar("try_recovery_lock", {"namespace": self._namespace}):
                 return report
             report.ran = True
-            report.dead_consumers = [
-                r[0]
-                for r in self._exec(
-                    "dead_consumers", {"own": list(own_consumers), "namespace": self._namespace}
-                )
-            ]
-            for queue, count, _ in self._exec(
-                "release_stale",
-                dict(dead=report.dead_consumers, visibility_timeout=visibility_timeout, channel=self.channel),
-            ):
-                report.released[queue] = count
-            report.expired_messages = self._exec("delete_expired_messages").rowcount
-            report.expired_queues = [r[0] for r in self._exec("delete_expired_queues")]
+
+            def release() -> None:
+                dead = [r[0] for r in self._exec("dead_consumers", {"own": list(own_consumers),
+                                                                    "namespace": self._namespace})]
+                unlocked = self._unlock("release_stale", dict(dead=dead, visibility_timeout=visibility_timeout,
+                                                              channel=self.channel))
+                report.dead_consumers, report.released, report.superseded = (
+                    dead, unlocked.released, unlocked.superseded)
+
+            def expire_messages() -> None:
+                report.expired_messages = self._exec("delete_expired_messages").rowcount
+
+            def expire_queues() -> None:
+                report.expired_queues = [r[0] for r in self._exec("delete_expired_queues")]
+
+            for part in (release, expire_messages, expire_queues):
+                self._recovery_part(part, report)
         if report.released:
             logger.warning(
                 "kombu-pg recovered %d message(s) from dead or stale consumers: %s",
@@ -425,6 +476,16 @@ class BrokerStore:
                 report.released,
             )
         return report
+
+    def _recovery_part(self, part: Callable[[], None], report: RecoveryReport) -> None:
+        try:
+            with self.conn.transaction():  # a savepoint
+                part()
+        except psycopg.Error as exc:
+            if self.conn.closed or self.conn.broken:
+                raise
+            report.failed.append(part.__name__)
+            logger.error("kombu-pg recovery: %s failed, the rest of the pass goes on: %s", part.__name__, exc)
 
 
 def due_payload(visible_at: datetime | None) -> str | None:

@@ -137,7 +137,7 @@ class _Writer:
     def _run(self) -> None:
         told = False  # whether the caller's commit/rollback has been taken off the queue
         try:
-            with self.store.conn.transaction():
+            with self.store.transaction():
                 while (chunk := self.chunks.get()) is not self._COMMIT:
                     if chunk is self._ROLLBACK:
                         told = True

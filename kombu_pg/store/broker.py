@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import psycopg
 from psycopg.pq import TransactionStatus
@@ -102,6 +104,12 @@ class BrokerStore:
 
     The connection must be in autocommit mode; every method is one round trip unless it
     says otherwise.  The class is free of Kombu, so it can be driven directly in tests.
+
+    Threads may share a store (the transport's claimer thread, acking and publishing
+    threads): every statement runs under one re-entrant lock, and :meth:`transaction`
+    holds it from BEGIN to COMMIT, so no thread's statement can land inside another's
+    transaction.  Use one store per connection, and go through the store for every
+    statement on it.
     """
 
     def __init__(self, conn: psycopg.Connection, schema: str) -> None:
@@ -119,11 +127,25 @@ class BrokerStore:
         self._dlq: Queries | None = None
         #: Called with the messages every unlock superseded (the transport counts them).
         self.on_superseded: Callable[[Sequence[Superseded]], None] | None = None
+        self._lock = threading.RLock()
 
     # -- helpers ---------------------------------------------------------------
 
     def _exec(self, name: str, params: dict | None = None) -> psycopg.Cursor:
-        return self.conn.execute(self.q[name], params)
+        return self._execute(self.q[name], params)
+
+    def _execute(self, query: str, params: dict | None = None) -> psycopg.Cursor:
+        # The rows are fetched by execute itself (client-side cursor), so the lock only
+        # has to cover the round trip.
+        with self._lock:
+            return self.conn.execute(query, params)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """A transaction (or, inside one, a savepoint) on this store's connection that no
+        other thread's statement can join: they wait until it ends."""
+        with self._lock, self.conn.transaction():
+            yield
 
     def _scalar(self, name: str, params: dict | None = None):
         row = self._exec(name, params).fetchone()
@@ -251,7 +273,7 @@ class BrokerStore:
         runs = _runs(messages)
         if len(runs) <= 1 or self.conn.info.transaction_status != TransactionStatus.IDLE:
             return sum(self._publish_run(run, deadletter) for run in runs)
-        with self.conn.transaction():
+        with self.transaction():
             return sum(self._publish_run(run, deadletter) for run in runs)
 
     def _publish_run(self, messages: Sequence[OutgoingMessage], deadletter: str | None) -> int:
@@ -381,7 +403,7 @@ class BrokerStore:
         one statement; False when the token no longer matches (fenced)."""
         if self._dlq is None:
             self._dlq = Queries(self.schema, "dlq.sql")
-        existed, _ = self.conn.execute(self._dlq["reject_to_dlq"], {"token": token, "detail": detail}).fetchone()
+        existed, _ = self._execute(self._dlq["reject_to_dlq"], {"token": token, "detail": detail}).fetchone()
         return bool(existed)
 
     def quarantine(self, token: str, error: str) -> None:
@@ -443,12 +465,11 @@ class BrokerStore:
     def recover(self, own_consumers: Sequence[int], visibility_timeout: float | None = None) -> RecoveryReport:
         """One recovery pass; skipped (``ran=False``) while another session runs one.
 
-        Runs in a transaction, so the connection must be one no other thread uses.  Each
-        part runs in a savepoint: a part that fails is logged and undone alone, and the
+        Runs in a transaction (see :meth:`transaction`).  Each part runs in a savepoint: a part that fails is logged and undone alone, and the
         others still run (only a lost connection ends the pass).
         """
         report = RecoveryReport()
-        with self.conn.transaction():
+        with self.transaction():
             if not self._scalar("try_recovery_lock", {"namespace": self._namespace}):
                 return report
             report.ran = True
@@ -479,7 +500,7 @@ class BrokerStore:
 
     def _recovery_part(self, part: Callable[[], None], report: RecoveryReport) -> None:
         try:
-            with self.conn.transaction():  # a savepoint
+            with self.transaction():  # a savepoint
                 part()
         except psycopg.Error as exc:
             if self.conn.closed or self.conn.broken:

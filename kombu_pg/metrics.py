@@ -2,12 +2,13 @@
 
 Two kinds of numbers, kept apart on purpose:
 
-* **Events** (messages published, delivered, acked, rejected, redelivered; publish and
-  claim latency) are counted where they happen, in the process they happen in: the
-  transport calls :func:`published`, :func:`claimed`, :func:`acked` and :func:`rejected`.
-  Under Celery's prefork pool tasks publish from pool children while the main process
-  claims and acks, so set ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess
-  mode) for the children's counts to reach the exporter; see docs/metrics.md.
+* **Events** (messages published, delivered, acked, rejected, redelivered, poison deleted
+  uncaptured; publish and claim latency) are counted where they happen, in the process
+  they happen in: the transport calls :func:`published`, :func:`claimed`, :func:`acked`,
+  :func:`rejected` and :func:`poison_deleted`.  Under Celery's prefork pool tasks
+  publish from pool children while the main process claims and acks, so set
+  ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode) for the
+  children's counts to reach the exporter; see docs/metrics.md.
 * **State** (ready, in flight, delayed, poison messages and the oldest ready message
   per queue, serial keys in flight, consumers, results by state) is read from the
   database at scrape time by :class:`BrokerCollector` and :class:`ResultCollector`, so
@@ -69,7 +70,7 @@ _enabled = Counter is not None and os.environ.get("KOMBU_PG_METRICS", "1").lower
 
 
 def _define() -> None:
-    global PUBLISHED, DELIVERED, ACKED, REJECTED, REDELIVERED, PUBLISH_SECONDS, CLAIM_SECONDS
+    global PUBLISHED, DELIVERED, ACKED, REJECTED, REDELIVERED, PUBLISH_SECONDS, CLAIM_SECONDS, POISON_DELETED
     global _published, _delivered, _acked, _redelivered, _rejected
     PUBLISHED = Counter("kombu_pg_messages_published", "Messages written to a queue by this "
                         "transport (a routed publish counts once per queue it reached).", ("kind",))
@@ -81,6 +82,10 @@ def _define() -> None:
                        ("kind", "requeue"))
     REDELIVERED = Counter("kombu_pg_messages_redelivered", "Deliveries of a message delivered "
                           "before (requeued, or recovered from a dead consumer).", ("kind",))
+    POISON_DELETED = Counter("kombu_pg_poison_messages_deleted", "Poison messages (delivered "
+                             "max_deliveries times) deleted without reaching a dead-letter queue "
+                             "(celery_dlq not installed), by what deleted them: expired, purged, "
+                             "queue_deleted.", ("reason",))
     PUBLISH_SECONDS = Histogram("kombu_pg_publish_duration_seconds",
                                 "Time of one publish statement (insert, route, notify).",
                                 buckets=LATENCY_BUCKETS)
@@ -165,6 +170,13 @@ def rejected(message: Any, requeue: bool) -> None:
     """A delivery was rejected; ``requeue`` says whether it went back to its queue."""
     if _enabled:
         _rejected[_is_serial(getattr(message, "headers", None)), bool(requeue)].inc()
+
+
+def poison_deleted(reason: str, count: int) -> None:
+    """``count`` poison messages were deleted uncaptured by ``reason`` (expired, purged,
+    queue_deleted)."""
+    if _enabled:
+        POISON_DELETED.labels(reason).inc(count)
 
 
 # -- scrape-time collectors -----------------------------------------------------------------

@@ -126,7 +126,7 @@ def test_purge_removes_ready_messages_only(store):
     for i in range(4):
         store.publish("q", str(i))
     [held] = store.claim("q", 1, cid)
-    assert store.purge("q") == 3
+    assert store.purge("q").messages == 3
     store.requeue([held.token])
     assert store.size("q") == 1
 

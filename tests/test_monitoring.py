@@ -21,6 +21,7 @@ from celery.worker.consumer.gossip import Gossip
 from celery.worker.consumer.mingle import Mingle
 from psycopg import sql
 
+from kombu_pg.store import BrokerStore
 from kombu_pg.transport import Transport
 from tests.monitor_app import (
     CONTROL_EXPIRES_ENV,
@@ -309,6 +310,44 @@ def test_killed_worker_leaves_nothing_behind(app, worker, pg_url, mschema, db):
                   db.count("consumers")),
          lambda c: c == (0, 0, 0, consumers_before), timeout=20,
          what="the dead worker's pidbox queue, bindings, messages and consumer row to go")
+
+
+def test_a_busy_solo_worker_keeps_its_pidbox_queue(app, pg_url, mschema, db, tmp_path):
+    """x-expires must not delete a queue a live session consumes (issue #16, item 6).
+
+    ``celery worker -P solo`` runs a task in its only thread, so its loop stands still.
+    Its pidbox queue (x-expires 1 s here, Celery's default 10 s) is still consumed by its
+    live session: recovery passes of another process must leave the queue and its fanout
+    binding alone, so broadcasts after the task still reach the worker.
+    """
+    queue = f"solo_{uuid.uuid4().hex[:6]}"
+    proc, node = start_worker(pg_url, mschema, events=False, queues=queue, pool="solo",
+                              extra_env={CONTROL_EXPIRES_ENV: "1"})
+    pidbox = f"{node}.celery.pidbox"
+    release = tmp_path / "release"
+    try:
+        assert app.control.ping(destination=[node], timeout=5) == [{node: {"ok": "pong"}}]
+        busy = app.tasks["monitor_app.wait_for_file"].apply_async((str(release),), queue=queue)
+        proc.wait_for_line(rf"Task monitor_app.wait_for_file\[{busy.id}\] received", 20)
+        poll(lambda: db.count("queues", "name = %s AND last_used_at < now() - interval '1 second'",
+                              [pidbox]),
+             lambda n: n == 1, timeout=10, what=f"{pidbox} to be unused for longer than its x-expires")
+        store = BrokerStore(psycopg.connect(pg_url, autocommit=True), mschema)
+        try:
+            poll(lambda: store.recover([]).ran, bool, timeout=10, what="a recovery pass here")
+        finally:
+            store.conn.close()
+        assert db.count("queues", "name = %s", [pidbox]) == 1
+        assert db.count("bindings", "queue = %s AND exchange = 'celery.pidbox'", [pidbox]) == 1
+    finally:
+        release.touch()
+    try:
+        proc.wait_for_line(task_succeeded_line("monitor_app.wait_for_file", busy.id), 20)
+        assert app.control.ping(destination=[node], timeout=5) == [{node: {"ok": "pong"}}]
+        replies = app.control.revoke("no-such-task", destination=[node], reply=True, timeout=5)
+        assert replies == [{node: {"ok": "tasks {'no-such-task'} flagged as revoked"}}]
+    finally:
+        proc.stop()
 
 
 # -- events ----------------------------------------------------------------------------------

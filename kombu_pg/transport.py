@@ -225,7 +225,7 @@ class Channel(virtual.Channel):
 
     def _delete(self, queue, *args, **kwargs):
         poison = self.store.delete_queue(queue, self.connection.options.max_deliveries)
-        poison_deleted("queue_deleted", {queue: poison})
+        _poison_deleted("queue_deleted", {queue: poison})
 
     # -- publish ----------------------------------------------------------------
 
@@ -446,7 +446,7 @@ class Channel(virtual.Channel):
 
     def _purge(self, queue):
         purged = self.store.purge(queue, self.connection.options.max_deliveries)
-        poison_deleted("purged", {queue: purged.poison})
+        _poison_deleted("purged", {queue: purged.poison})
         return purged.messages
 
     def _restore(self, message):
@@ -461,7 +461,7 @@ class Channel(virtual.Channel):
         super().close()
         for queue in owned:
             try:
-                poison_deleted("queue_deleted", {queue: self.store.delete_queue(queue, max_deliveries)})
+                _poison_deleted("queue_deleted", {queue: self.store.delete_queue(queue, max_deliveries)})
             except psycopg.Error:
                 break  # recovery removes them once this session is gone
 
@@ -862,17 +862,17 @@ class Transport(virtual.Transport):
             self.maintain()
 
     def maintain(self) -> None:
-        """Keep consumed queues alive (x-expires), run a recovery pass, promote due messages."""
+        """Run a recovery pass and promote due messages (consumed queues need no touch:
+        they are in use while this session lives)."""
         self._next_maintenance = monotonic() + self.options.recovery_interval
-        active = sorted(self._active_queues())
-        if not active and self._listener is None:
+        if not self._active_queues() and self._listener is None:
             return
         store = self._maintenance_store()
         own = [self._consumer_id] if self._consumer_id is not None else []
         report = store.recover(own, self.options.visibility_timeout, self.options.max_deliveries)
         self._pending.update(report.released)
-        poison_deleted("expired", report.poison_expired)
-        poison_deleted("queue_deleted", report.poison_in_expired_queues)
+        _poison_deleted("expired", report.poison_expired)
+        _poison_deleted("queue_deleted", report.poison_in_expired_queues)
         self.promote_due()
 
     def promote_due(self) -> None:
@@ -1008,14 +1008,14 @@ class _Row:
                                self.visible_at, exchange)
 
 
-def poison_deleted(how: str, counts: dict[str, int]) -> None:
+def _poison_deleted(how: str, counts: dict[str, int]) -> None:
     """Poison messages (delivered max_deliveries times) a deletion removed without
     capturing them, celery_dlq not being installed: never silently."""
     for queue, count in counts.items():
         if count:
             logger.warning("kombu-pg: %d poison message(s) (delivered max_deliveries times) deleted "
-                           "from queue %r (%s) without being captured: install celery_dlq to keep "
-                           "them in its dead-letter queue", count, queue, how)
+                           "from queue %r (%s) without reaching a dead-letter queue (celery_dlq "
+                           "keeps them when installed)", count, queue, how)
             metrics.poison_deleted(how, count)
 
 

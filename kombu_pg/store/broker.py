@@ -483,7 +483,6 @@ class BrokerStore:
             )
         return report
 
-
     def _delete_expired_messages(self, report: RecoveryReport, max_deliveries: int | None) -> None:
         poison = self._poison_limit(max_deliveries, expired=True)
         for queue, count, uncaptured in self._exec("delete_expired_messages", {"poison": poison}):

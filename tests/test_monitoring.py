@@ -431,8 +431,8 @@ def test_pings_and_monitors_leave_no_rows_behind(app, worker, db):
 def test_live_worker_keeps_its_pidbox_queue(app, worker, db):
     """x-expires must not remove a queue its consumer is using (research pitfall P8).
 
-    The worker's recovery passes touch its consumed queues; if they did not, another
-    process's recovery pass would delete the pidbox queue and remote control would go
+    The worker's session consumes its pidbox queue (a queue_consumers row); if that did
+    not count as use, a recovery pass would delete the queue and remote control would go
     silent (the worker never re-declares it).
     """
     pidbox = f"{worker.node}.celery.pidbox"

@@ -101,8 +101,15 @@ SELECT (SELECT count(*) FROM moved), (SELECT id FROM ins)
 
 -- name: installed
 -- celery_dlq is installed for this schema (see the dlq_installed table's migration): the
--- max_deliveries its reaper uses, or no row.
-SELECT max_deliveries FROM {schema}.dlq_installed
+-- max_deliveries its reaper uses, or no row; and whether `reap` (same arguments) would
+-- move anything: otherwise it is not run, so a deletion never waits for a lock on the
+-- DLQ table it does not need.
+SELECT i.max_deliveries,
+       EXISTS (SELECT 1 FROM {schema}.messages
+               WHERE lock_token IS NULL AND delivery_count > 0 AND delivery_count >= i.max_deliveries
+                 AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+                 AND (NOT %(expired)s OR expires_at <= now()))
+FROM {schema}.dlq_installed i
 
 -- name: mark_installed
 INSERT INTO {schema}.dlq_installed (max_deliveries) VALUES (%(max_deliveries)s)

@@ -385,11 +385,14 @@ class BrokerStore:
         into the DLQ by the reaper's statement, and its ``max_deliveries`` is the limit;
         otherwise the transport's ``max_deliveries`` (None: no limit, nothing is poison).
         """
-        row = self._dlq_exec("installed").fetchone()
+        row = self._dlq_exec("installed", {"queues": list(queues) if queues else None,
+                                           "expired": expired}).fetchone()
         if row is None:
             return max_deliveries
-        self.reap(row[0], queues=queues, expired=expired)
-        return row[0]
+        installed_max, poison_found = row
+        if poison_found:
+            self.reap(installed_max, queues=queues, expired=expired)
+        return installed_max
 
     def quarantine(self, token: str, error: str) -> None:
         self._exec("quarantine", {"token": token, "error": error})

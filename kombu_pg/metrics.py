@@ -57,6 +57,8 @@ except ImportError:  # pragma: no cover - exercised only where the package is mi
 logger = logging.getLogger(__name__)
 
 KINDS = ("parallel", "serial")
+#: What deleted poison messages uncaptured (:func:`poison_deleted`).
+DELETIONS = ("expired", "purged", "queue_deleted")
 TEMPORARY_QUEUE = "(temporary)"
 OTHER_QUEUE = "(other)"
 OTHER_STATE = "other"
@@ -173,8 +175,7 @@ def rejected(message: Any, requeue: bool) -> None:
 
 
 def poison_deleted(reason: str, count: int) -> None:
-    """``count`` poison messages were deleted uncaptured by ``reason`` (expired, purged,
-    queue_deleted)."""
+    """``count`` poison messages were deleted uncaptured by ``reason`` (one of DELETIONS)."""
     if _enabled:
         POISON_DELETED.labels(reason).inc(count)
 

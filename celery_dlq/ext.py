@@ -66,6 +66,10 @@ class DeadLetterQueue:
         if s.auto_migrate and not self._migrated:
             apply_migrations(conn, s.schema)
             self._migrated = True
+        if s.atomic:
+            # What "installed" means to the broker's own deletions (expiry, purge, queue
+            # deletion): they move poison into this DLQ first while the row says so.
+            DLQStore(conn, s.schema).mark_installed(s.max_deliveries if s.enabled else None)
         return conn
 
     def store(self) -> DLQStore:
@@ -218,6 +222,11 @@ class DeadLetterQueue:
             # silently off is worse than a worker that refuses to start.
             logger.critical("celery_dlq: %s", exc)
             raise SystemExit(f"celery_dlq: {exc}") from None
+        if settings.atomic:
+            try:
+                self.store()  # connecting says whether the DLQ is installed (see _connect)
+            except psycopg.Error as exc:
+                logger.error("celery_dlq: cannot reach the DLQ database at worker start: %s", exc)
         if not settings.enabled:
             self.warn_unrecoverable("worker start")
             return

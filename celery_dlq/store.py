@@ -187,29 +187,27 @@ class DLQStore:
     def reap_batch(self, max_deliveries: int, limit: int = 500,
                    queues: Sequence[str] | None = None) -> List[int]:
         """One statement: move up to ``limit`` exhausted, unlocked messages; return DLQ ids."""
-        if max_deliveries < 1:
-            raise UsageError("max_deliveries must be >= 1")
-        rows = self._exec(
-            "reap",
-            {"max_deliveries": max_deliveries, "limit": limit, "queues": list(queues) if queues else None},
-        ).fetchall()
-        return [r[0] for r in rows]
+        return self._reaper(max_deliveries).reap_batch(max_deliveries, limit, queues=queues)
 
     def reap(self, max_deliveries: int, batch_size: int = 500, queues: Sequence[str] | None = None,
              max_batches: int | None = None) -> int:
-        """Drain in bounded batches until no candidate is left; return how many moved.
+        """Drain in bounded batches until no candidate is left; return how many moved
+        (:meth:`kombu_pg.store.BrokerStore.reap`)."""
+        return self._reaper(max_deliveries).reap(max_deliveries, batch_size, queues=queues,
+                                                 max_batches=max_batches)
 
-        Safe on many hosts at once: rows another reaper (or a claim) holds are skipped,
-        and a batch that found only such rows ends the loop.
-        """
-        moved = batches = 0
-        while max_batches is None or batches < max_batches:
-            ids = self.reap_batch(max_deliveries, batch_size, queues)
-            batches += 1
-            moved += len(ids)
-            if not ids:
-                break
-        return moved
+    def _reaper(self, max_deliveries: int) -> BrokerStore:
+        if max_deliveries < 1:
+            raise UsageError("max_deliveries must be >= 1")
+        return BrokerStore(self.conn, self.schema)
+
+    def mark_installed(self, max_deliveries: int | None) -> None:
+        """Say at the SQL level whether celery_dlq is installed for the broker in this
+        schema (``max_deliveries`` None: it is not); see docs/dlq.md."""
+        if max_deliveries is None:
+            self._exec("mark_not_installed")
+        else:
+            self._exec("mark_installed", {"max_deliveries": max_deliveries})
 
     def reject_to_dlq(self, token: str, detail: str | None = None) -> tuple[bool, int | None]:
         """Dead-letter one delivered message by its lock token, in one statement.

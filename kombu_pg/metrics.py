@@ -2,12 +2,13 @@
 
 Two kinds of numbers, kept apart on purpose:
 
-* **Events** (messages published, delivered, acked, rejected, redelivered; publish and
-  claim latency) are counted where they happen, in the process they happen in: the
-  transport calls :func:`published`, :func:`claimed`, :func:`acked` and :func:`rejected`.
-  Under Celery's prefork pool tasks publish from pool children while the main process
-  claims and acks, so set ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess
-  mode) for the children's counts to reach the exporter; see docs/metrics.md.
+* **Events** (messages published, delivered, acked, rejected, redelivered, poison deleted
+  uncaptured; publish and claim latency) are counted where they happen, in the process
+  they happen in: the transport calls :func:`published`, :func:`claimed`, :func:`acked`,
+  :func:`rejected` and :func:`poison_deleted`.  Under Celery's prefork pool tasks
+  publish from pool children while the main process claims and acks, so set
+  ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode) for the
+  children's counts to reach the exporter; see docs/metrics.md.
 * **State** (ready, in flight, delayed, poison messages and the oldest ready message
   per queue, serial keys in flight, consumers, results by state) is read from the
   database at scrape time by :class:`BrokerCollector` and :class:`ResultCollector`, so
@@ -58,6 +59,8 @@ except ImportError:  # pragma: no cover - exercised only where the package is mi
 logger = logging.getLogger(__name__)
 
 KINDS = ("parallel", "serial")
+#: What deleted poison messages uncaptured (:func:`poison_deleted`).
+DELETIONS = ("expired", "purged", "queue_deleted")
 TEMPORARY_QUEUE = "(temporary)"
 OTHER_QUEUE = "(other)"
 OTHER_STATE = "other"
@@ -78,7 +81,7 @@ _enabled = Counter is not None and os.environ.get("KOMBU_PG_METRICS", "1").lower
 
 def _define() -> None:
     global PUBLISHED, DELIVERED, ACKED, REJECTED, REDELIVERED, SUPERSEDED, PUBLISH_SECONDS, CLAIM_SECONDS
-    global _published, _delivered, _acked, _redelivered, _superseded, _rejected
+    global POISON_DELETED, _published, _delivered, _acked, _redelivered, _superseded, _rejected
     PUBLISHED = Counter("kombu_pg_messages_published", "Messages written to a queue by this "
                         "transport (a routed publish counts once per queue it reached).", ("kind",))
     DELIVERED = Counter("kombu_pg_messages_delivered", "Messages claimed and handed to a consumer.",
@@ -92,6 +95,10 @@ def _define() -> None:
     SUPERSEDED = Counter("kombu_pg_messages_superseded", "Delivered messages deleted when their "
                          "delivery ended without an ack while a message with their job key was "
                          "waiting (docs/job-keys.md).", ("kind",))
+    POISON_DELETED = Counter("kombu_pg_poison_messages_deleted", "Poison messages (delivered "
+                             "max_deliveries times) deleted without reaching a dead-letter queue "
+                             "(celery_dlq not installed), by what deleted them: expired, purged, "
+                             "queue_deleted.", ("reason",))
     PUBLISH_SECONDS = Histogram("kombu_pg_publish_duration_seconds",
                                 "Time of one publish statement (insert, route, notify).",
                                 buckets=LATENCY_BUCKETS)
@@ -184,6 +191,12 @@ def superseded(messages: Sequence[Superseded]) -> None:
     if _enabled:
         for message in messages:
             _superseded[message.serial].inc()
+
+
+def poison_deleted(reason: str, count: int) -> None:
+    """``count`` poison messages were deleted uncaptured by ``reason`` (one of DELETIONS)."""
+    if _enabled:
+        POISON_DELETED.labels(reason).inc(count)
 
 
 # -- scrape-time collectors -----------------------------------------------------------------

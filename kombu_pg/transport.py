@@ -153,6 +153,7 @@ class Channel(virtual.Channel):
                    arguments=None, **kwargs):
         check_queue_name(queue)
         arguments = arguments or {}
+        temporary = auto_delete or exclusive
         self.store.declare_queue(
             queue,
             durable=bool(durable),
@@ -161,8 +162,10 @@ class Channel(virtual.Channel):
             message_ttl_ms=arguments.get("x-message-ttl"),
             expires_ms=arguments.get("x-expires"),
             max_priority=arguments.get("x-max-priority"),
+            # It lives as long as this session (or a consumer of it): see unused_queues.
+            owner=self.connection.consumer_id() if temporary else None,
         )
-        if auto_delete or exclusive:
+        if temporary:
             self._owned_queues.add(queue)
 
     def _has_queue(self, queue, **kwargs):
@@ -213,7 +216,7 @@ class Channel(virtual.Channel):
     def queue_delete(self, queue, if_unused=False, if_empty=False, **kwargs):
         if if_empty and self._size(queue):
             return
-        self.store.delete_queue(queue)
+        self._delete(queue)
         self.state.queue_bindings_delete(queue)
         self._owned_queues.discard(queue)
 
@@ -222,7 +225,8 @@ class Channel(virtual.Channel):
         self.state.exchanges.pop(exchange, None)
 
     def _delete(self, queue, *args, **kwargs):
-        self.store.delete_queue(queue)
+        poison = self.store.delete_queue(queue, self.connection.options.max_deliveries)
+        _poison_deleted("queue_deleted", {queue: poison})
 
     # -- publish ----------------------------------------------------------------
 
@@ -337,6 +341,8 @@ class Channel(virtual.Channel):
             if queue in self._owned_queues:
                 # AMQP auto_delete: the queue goes when its last consumer does.
                 self.queue_delete(queue)
+            else:
+                self.connection.on_cancel(queue)
         return result
 
     def basic_get(self, queue, no_ack=False, **kwargs):
@@ -442,7 +448,9 @@ class Channel(virtual.Channel):
         return self.store.size(queue)
 
     def _purge(self, queue):
-        return self.store.purge(queue)
+        purged = self.store.purge(queue, self.connection.options.max_deliveries)
+        _poison_deleted("purged", {queue: purged.poison})
+        return purged.messages
 
     def _restore(self, message):
         self.store.requeue([message.delivery_tag])
@@ -452,12 +460,13 @@ class Channel(virtual.Channel):
 
     def close(self):
         owned, self._owned_queues = self._owned_queues, set()
+        max_deliveries = self.connection.options.max_deliveries if self.connection else None
         super().close()
         for queue in owned:
             try:
-                self.store.delete_queue(queue)
+                _poison_deleted("queue_deleted", {queue: self.store.delete_queue(queue, max_deliveries)})
             except psycopg.Error:
-                break  # the queue's x-expires, if any, cleans up after us
+                break  # recovery removes them once this session is gone
 
 
 class Transport(virtual.Transport):
@@ -664,10 +673,27 @@ class Transport(virtual.Transport):
     # -- wake-ups ----------------------------------------------------------------------
 
     def on_consume(self, queue: str) -> None:
-        """A consumer started: LISTEN before the first claim, so no wake-up is missed."""
+        """A consumer started: LISTEN before the first claim, so no wake-up is missed.
+
+        The queue is in use while this session lives (x-expires and auto-delete clean-up
+        leave it alone), however long the loop is busy elsewhere.
+        """
         self.listener()
-        self.work_store().touch_queues([queue])
+        self.work_store().consume_queue(queue, self.consumer_id())
         self._pending.add(queue)
+
+    def on_cancel(self, queue: str) -> None:
+        """A channel stopped consuming ``queue``: unless another channel of this connection
+        still consumes or owns it, this session no longer uses it."""
+        work, consumer = self._work, self._consumer_id
+        if work is None or consumer is None:
+            return
+        if any(queue in channel._active_queues or queue in channel._owned_queues for channel in self.channels):
+            return
+        try:
+            work.cancel_queue(queue, consumer)
+        except psycopg.Error:
+            pass  # the session is gone, and its consumer rows go with it (recovery)
 
     def buffer_ack(self, tag: str) -> None:
         """Queue an ack for the next flush; wake the loop if acking from another thread."""
@@ -851,16 +877,17 @@ class Transport(virtual.Transport):
             self.maintain()
 
     def maintain(self) -> None:
-        """Keep consumed queues alive (x-expires), run a recovery pass, promote due messages."""
+        """Run a recovery pass and promote due messages (consumed queues need no touch:
+        they are in use while this session lives)."""
         self._next_maintenance = monotonic() + self.options.recovery_interval
-        active = sorted(self._active_queues())
-        if not active and self._listener is None:
+        if not self._active_queues() and self._listener is None:
             return
         store = self._maintenance_store()
-        store.touch_queues(active)
         own = [self._consumer_id] if self._consumer_id is not None else []
-        report = store.recover(own, self.options.visibility_timeout)
+        report = store.recover(own, self.options.visibility_timeout, self.options.max_deliveries)
         self._pending.update(report.released)
+        _poison_deleted("expired", report.poison_expired)
+        _poison_deleted("queue_deleted", report.poison_in_expired_queues)
         self.promote_due()
 
     def promote_due(self) -> None:
@@ -990,6 +1017,17 @@ class _Row:
         """This message as one row of a many-message insert."""
         return OutgoingMessage(routing_key, self.payload, self.priority, self.ttl, self.serial_key,
                                self.visible_at, exchange, self.job_key, self.job_key_mode)
+
+
+def _poison_deleted(how: str, counts: dict[str, int]) -> None:
+    """Poison messages (delivered max_deliveries times) a deletion removed without
+    capturing them, celery_dlq not being installed: never silently."""
+    for queue, count in counts.items():
+        if count:
+            logger.warning("kombu-pg: %d poison message(s) (delivered max_deliveries times) deleted "
+                           "from queue %r (%s) without reaching a dead-letter queue (celery_dlq "
+                           "keeps them when installed)", count, queue, how)
+            metrics.poison_deleted(how, count)
 
 
 def _key(value: Any) -> str | None:

@@ -215,13 +215,13 @@ class CeleryProcess(ManagedProcess):
 
 def start_worker(url: str, schema: str, *, events: bool = True, queues: str | None = None,
                  timeout: float = 45.0, extra_args: Iterable[str] = (),
-                 extra_env: dict[str, str] | None = None) -> tuple[CeleryProcess, str]:
-    """Start ``celery worker -P threads -c 2`` and wait for its ``ready.`` line.
+                 extra_env: dict[str, str] | None = None, pool: str = "threads") -> tuple[CeleryProcess, str]:
+    """Start ``celery worker -P threads -c 2`` (or another ``pool``) and wait for its ``ready.`` line.
 
     Returns the process and the worker's node name (``w<random>@localhost``).
     """
     node = f"w{uuid.uuid4().hex[:8]}@localhost"
-    args = ["-A", "tests.monitor_app", "worker", "-P", "threads", "-c", "2", "-l", "info",
+    args = ["-A", "tests.monitor_app", "worker", "-P", pool, "-c", "2", "-l", "info",
             "-n", node, *(["-E"] if events else []), *extra_args]
     if queues:
         args += ["-Q", queues]

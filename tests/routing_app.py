@@ -5,6 +5,11 @@
     ``got <body>`` for each message received until COUNT arrived (or 20 s passed), then
     print ``done`` and exit.
 
+``hold EXCHANGE QUEUE``
+    declare an exclusive queue QUEUE.x and an auto-delete queue QUEUE.ad (no x-expires),
+    bound to the fanout EXCHANGE, consume both, print ``consuming`` and keep consuming
+    until killed.
+
 ``publish EXCHANGE KEY BODY...``
     publish each BODY to EXCHANGE with routing key KEY *without declaring anything*,
     print ``published`` and exit.
@@ -55,6 +60,20 @@ def bind_consume(exchange: str, type_: str, queue: str, key: str, count: int) ->
     print("done", flush=True)
 
 
+def hold(exchange: str, queue: str) -> None:
+    ex = kombu.Exchange(exchange, type="fanout")
+    queues = [kombu.Queue(f"{queue}.x", exchange=ex, exclusive=True),
+              kombu.Queue(f"{queue}.ad", exchange=ex, auto_delete=True)]
+    with _connection() as conn:
+        with kombu.Consumer(conn, queues, callbacks=[lambda body, message: message.ack()], accept=["json"]):
+            print("consuming", flush=True)
+            while True:
+                try:
+                    conn.drain_events(timeout=1.0)
+                except socket.timeout:
+                    pass
+
+
 def publish(exchange: str, key: str, bodies: list[str]) -> None:
     with _connection() as conn:
         producer = kombu.Producer(conn.default_channel, auto_declare=False)
@@ -69,6 +88,8 @@ def main(argv: list[str]) -> None:
     if command == "bind-consume":
         exchange, type_, queue, key, count = args
         bind_consume(exchange, type_, queue, key, int(count))
+    elif command == "hold":
+        hold(*args)
     elif command == "publish":
         exchange, key, *bodies = args
         publish(exchange, key, bodies)

@@ -337,3 +337,37 @@ def test_a_failure_whose_arguments_cannot_be_serialized_is_still_captured(pg_url
     headers = json.loads(DLQ(app).show(row["id"])["message"])["headers"]
     assert "dlq_unrebuildable" in headers
     app._celery_dlq.close()
+
+
+# -- "installed" at the SQL level (issue #16, item 8) -----------------------------------------------
+
+
+def test_the_dlq_says_in_the_broker_schema_whether_it_is_installed(pg_url, schema):
+    """Expiry, purge and queue deletion capture poison while dlq_installed has its row:
+    celery_dlq writes it (with its max_deliveries) whenever it connects enabled, with the
+    DLQ in the broker's own database and schema, and removes it when it connects disabled."""
+
+    def connect_runtime(**conf):
+        app = Celery("installed", broker=pg_url, set_as_current=False)
+        app.conf.broker_transport_options = {"schema": schema, "max_deliveries": 4}
+        app.conf.update(conf)
+        dlq = celery_dlq.install(app)
+        dlq.store()
+        dlq.close()
+
+    def installed():
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            return conn.execute(sql.SQL("SELECT max_deliveries FROM {}.dlq_installed").format(
+                sql.Identifier(schema))).fetchall()
+
+    connect_runtime()
+    assert installed() == [(4,)]
+    connect_runtime(dlq_max_deliveries=2)
+    assert installed() == [(2,)]
+    connect_runtime(dlq_enabled=False)
+    assert installed() == []
+    # A DLQ in another schema is not this broker's: nothing is recorded for it.
+    connect_runtime(dlq_schema=f"{schema}_elsewhere")
+    assert installed() == []
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(f"{schema}_elsewhere")))

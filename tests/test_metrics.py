@@ -363,6 +363,7 @@ def test_label_sets_are_bounded(pg_url, schema):
         "kombu_pg_messages_rejected_total": {"kind", "requeue"},
         "kombu_pg_results": {"state"}, "kombu_pg_scrape_ok": {"part"},
         "kombu_pg_scrape_duration_seconds": {"part"}, "kombu_pg_scrape_age_seconds": {"part"},
+        "kombu_pg_poison_messages_deleted_total": {"reason"},
     }
     ours = {(name, labels): v for (name, labels), v in found.items() if name.startswith("kombu_pg_")}
     assert ("kombu_pg_queue_ready_messages", frozenset({("queue", "bounded")})) in ours
@@ -380,6 +381,7 @@ def test_label_sets_are_bounded(pg_url, schema):
     assert {v for k, v in values if k == "kind"} <= set(KINDS)
     assert {v for k, v in values if k == "requeue"} <= {"true", "false"}
     assert {v for k, v in values if k == "part"} <= {"broker", "results"}
+    assert {v for k, v in values if k == "reason"} <= set(metrics.DELETIONS)
     assert {v for k, v in values if k == "state"} <= set(states.ALL_STATES) | {OTHER_STATE}
     assert {v for k, v in values if k == "queue"} == {"bounded"}
     text = repr(found)

@@ -21,6 +21,7 @@ from celery.worker.consumer.gossip import Gossip
 from celery.worker.consumer.mingle import Mingle
 from psycopg import sql
 
+from kombu_pg.store import BrokerStore
 from kombu_pg.transport import Transport
 from tests.monitor_app import (
     CONTROL_EXPIRES_ENV,
@@ -285,30 +286,74 @@ def test_control_shutdown(app, worker, pg_url, mschema, db):
 
 
 def test_killed_worker_leaves_nothing_behind(app, worker, pg_url, mschema, db):
-    """SIGKILL: no channel close runs; x-expires and recovery clean up instead.
+    """SIGKILL: no channel close runs; recovery cleans up instead.
 
-    The module's worker runs the recovery passes; the killed one's pidbox queue is given
-    a 1 s x-expires (control_queue_expires) instead of Celery's 10 s to keep this quick.
+    The killed worker's pidbox queue is auto-delete: the first recovery pass after its
+    session ended removes it with its binding and messages, long before its x-expires
+    (Celery's 10 s, counted from then) could; the live worker's stays.
     """
     consumers_before = db.count("consumers")
-    proc, node = start_worker(pg_url, mschema, events=False, queues=f"q_{uuid.uuid4().hex[:6]}",
-                              extra_env={CONTROL_EXPIRES_ENV: "1"})
+    proc, node = start_worker(pg_url, mschema, events=False, queues=f"q_{uuid.uuid4().hex[:6]}")
     pidbox = f"{node}.celery.pidbox"
     try:
         assert app.control.inspect(destination=[node], timeout=5).ping() == {node: {"ok": "pong"}}
-        assert db.count("queues", "name = %s AND expires_ms = 1000", [pidbox]) == 1
+        assert db.count("queues", "name = %s AND expires_ms = 10000", [pidbox]) == 1
         assert db.count("consumers") == consumers_before + 1
+        backends = [r[0] for r in db.rows("SELECT backend_pid FROM {s}.consumers WHERE pid = %s",
+                                          [proc.proc.pid])]
     finally:
         proc.kill()
-    # Commands to the dead worker still land in its queue until that expires.
+    poll(lambda: db.rows("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", [backends])[0][0],
+         lambda n: n == 0, timeout=10, what="the killed worker's sessions to end")
+    store = BrokerStore(psycopg.connect(pg_url, autocommit=True), mschema)
+    try:
+        poll(lambda: store.recover([]).ran, bool, timeout=10, what="a recovery pass here")
+    finally:
+        store.conn.close()
+    assert (db.count("queues", "name = %s", [pidbox]), db.count("bindings", "queue = %s", [pidbox]),
+            db.count("messages", "queue = %s", [pidbox]), db.count("consumers")) == (0, 0, 0, consumers_before)
+    # Commands to the dead worker land nowhere; the live worker still gets its own.
     app.control.broadcast("ping", destination=[node], reply=False)
-    assert db.count("messages", "queue = %s", [pidbox]) >= 1
-    poll(lambda: (db.count("queues", "name = %s", [pidbox]),
-                  db.count("bindings", "queue = %s", [pidbox]),
-                  db.count("messages", "queue = %s", [pidbox]),
-                  db.count("consumers")),
-         lambda c: c == (0, 0, 0, consumers_before), timeout=20,
-         what="the dead worker's pidbox queue, bindings, messages and consumer row to go")
+    assert db.count("messages", "queue = %s", [pidbox]) == 0
+    assert inspect(app, worker).ping() == {worker.node: {"ok": "pong"}}
+
+
+def test_a_busy_solo_worker_keeps_its_pidbox_queue(app, pg_url, mschema, db, tmp_path):
+    """x-expires must not delete a queue a live session consumes (issue #16, item 6).
+
+    ``celery worker -P solo`` runs a task in its only thread, so its loop stands still.
+    Its pidbox queue (x-expires 1 s here, Celery's default 10 s) is still consumed by its
+    live session: recovery passes of another process must leave the queue and its fanout
+    binding alone, so broadcasts after the task still reach the worker.
+    """
+    queue = f"solo_{uuid.uuid4().hex[:6]}"
+    proc, node = start_worker(pg_url, mschema, events=False, queues=queue, pool="solo",
+                              extra_env={CONTROL_EXPIRES_ENV: "1"})
+    pidbox = f"{node}.celery.pidbox"
+    release = tmp_path / "release"
+    try:
+        assert app.control.ping(destination=[node], timeout=5) == [{node: {"ok": "pong"}}]
+        busy = app.tasks["monitor_app.wait_for_file"].apply_async((str(release),), queue=queue)
+        proc.wait_for_line(rf"Task monitor_app.wait_for_file\[{busy.id}\] received", 20)
+        poll(lambda: db.count("queues", "name = %s AND last_used_at < now() - interval '1 second'",
+                              [pidbox]),
+             lambda n: n == 1, timeout=10, what=f"{pidbox} to be unused for longer than its x-expires")
+        store = BrokerStore(psycopg.connect(pg_url, autocommit=True), mschema)
+        try:
+            poll(lambda: store.recover([]).ran, bool, timeout=10, what="a recovery pass here")
+        finally:
+            store.conn.close()
+        assert db.count("queues", "name = %s", [pidbox]) == 1
+        assert db.count("bindings", "queue = %s AND exchange = 'celery.pidbox'", [pidbox]) == 1
+    finally:
+        release.touch()
+    try:
+        proc.wait_for_line(task_succeeded_line("monitor_app.wait_for_file", busy.id), 20)
+        assert app.control.ping(destination=[node], timeout=5) == [{node: {"ok": "pong"}}]
+        replies = app.control.revoke("no-such-task", destination=[node], reply=True, timeout=5)
+        assert replies == [{node: {"ok": "tasks {'no-such-task'} flagged as revoked"}}]
+    finally:
+        proc.stop()
 
 
 # -- events ----------------------------------------------------------------------------------
@@ -386,8 +431,8 @@ def test_pings_and_monitors_leave_no_rows_behind(app, worker, db):
 def test_live_worker_keeps_its_pidbox_queue(app, worker, db):
     """x-expires must not remove a queue its consumer is using (research pitfall P8).
 
-    The worker's recovery passes touch its consumed queues; if they did not, another
-    process's recovery pass would delete the pidbox queue and remote control would go
+    The worker's session consumes its pidbox queue (a queue_consumers row); if that did
+    not count as use, a recovery pass would delete the queue and remote control would go
     silent (the worker never re-declares it).
     """
     pidbox = f"{worker.node}.celery.pidbox"

@@ -7,6 +7,7 @@ unbind, delete, auto-delete, x-expires and TTLs leave nothing behind.
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 import time
@@ -16,6 +17,7 @@ import kombu
 import pytest
 from psycopg import sql
 
+from kombu_pg.store import BrokerStore
 from tests.monitor_app import ManagedProcess, process_env
 from tests.worker import wait_until
 
@@ -335,6 +337,44 @@ def test_x_expires_removes_idle_queue_but_not_a_consumed_one(connection, db):
         assert db.count("queues", "name = %s", ["xe_alive"]) == 1
         publish(connection, ex, ["y"])
         assert db.messages_by_queue().get("xe_idle") is None
+
+
+def test_a_killed_consumers_temporary_queues_go_and_a_live_ones_stay(connection, db, pg_url, schema,
+                                                                      pg_conn):
+    """Exclusive and auto-delete queues without x-expires live as long as their session.
+
+    A SIGKILLed consumer closes nothing: the first recovery pass after its session ended
+    removes its queues and bindings, so fanout copies stop piling up there.
+    """
+    live = _routing_process(pg_url, schema, "hold", "hold_fan", "live").start()
+    dead = _routing_process(pg_url, schema, "hold", "hold_fan", "dead").start()
+    try:
+        for proc in (live, dead):
+            proc.wait_for_line("^consuming$", timeout=20)
+        assert db.count("bindings", "exchange = 'hold_fan'") == 4
+        backends = [r[0] for r in pg_conn.execute(
+            sql.SQL("SELECT backend_pid FROM {}.consumers WHERE pid = %s").format(sql.Identifier(schema)),
+            [dead.proc.pid])]
+        assert backends
+        dead.kill()
+        db.wait_until(lambda: pg_conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)",
+                                              [backends]).fetchone()[0] == 0,
+                      10, "the killed consumer's session to end")
+        store = BrokerStore(pg_conn, schema)
+        db.wait_until(lambda: store.recover([]).ran, 10, "a recovery pass of this process")
+        for name in ("dead.x", "dead.ad"):
+            assert db.count("queues", "name = %s", [name]) == 0
+            assert db.count("bindings", "queue = %s", [name]) == 0
+        for name in ("live.x", "live.ad"):
+            assert db.count("queues", "name = %s", [name]) == 1
+            assert db.count("bindings", "queue = %s", [name]) == 1
+        # A broadcast now reaches the live consumer's queues only.
+        message = connection.default_channel.prepare_message('"x"', content_type="application/json",
+                                                             content_encoding="utf-8")
+        assert sorted(store.publish_routed("hold_fan", "", json.dumps(message))) == ["live.ad", "live.x"]
+    finally:
+        dead.kill()
+        live.stop()
 
 
 # -- TTL ------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from kombu_pg.config import ConfigurationError
 from kombu_pg.store import BrokerStore, apply_migrations, connect, current_version, migration_sql
 from kombu_pg.store.broker import OutgoingMessage
 from kombu_pg.store.migrations import all_migrations
+from tests.worker import wait_until
 
 
 def test_migrations_are_idempotent(pg_conn, schema):
@@ -126,7 +127,7 @@ def test_purge_removes_ready_messages_only(store):
     for i in range(4):
         store.publish("q", str(i))
     [held] = store.claim("q", 1, cid)
-    assert store.purge("q") == 3
+    assert store.purge("q").messages == 3
     store.requeue([held.token])
     assert store.size("q") == 1
 
@@ -137,6 +138,57 @@ def test_ttl_hides_expired_messages_and_recovery_deletes_them(store):
     store.publish("q", "fresh", ttl=60)
     assert [c.payload for c in store.claim("q", 10, cid)] == ["fresh"]
     assert store.recover([cid]).expired_messages == 1
+
+
+def _last_used(store, name: str, seconds_ago: float) -> None:
+    """The queue was last declared, consumed or read ``seconds_ago`` (time passing)."""
+    store.conn.execute(sql.SQL("UPDATE {}.queues SET last_used_at = now() - make_interval(secs => %s) "
+                               "WHERE name = %s").format(sql.Identifier(store.schema)), [seconds_ago, name])
+
+
+def _pass_finding_dead(store, own):
+    """A recovery pass that found a dead consumer (its session's end is asynchronous)."""
+    reports = []
+    wait_until(lambda: reports.append(store.recover(own)) or reports[-1].dead_consumers, 10,
+               "a recovery pass to find the closed session's consumer")
+    return reports[-1]
+
+
+def test_x_expires_spares_consumed_queues_and_counts_from_the_last_consumer(store, pg_url):
+    other = BrokerStore(connect(pg_url), store.schema)
+    gone_later = other.register_consumer()
+    me = store.register_consumer()
+    for name in ("idle", "consumed", "cancelled"):
+        store.declare_queue(name, expires_ms=60_000)
+    other.consume_queue("consumed", gone_later)
+    store.consume_queue("cancelled", me)
+    for name in ("idle", "consumed", "cancelled"):
+        _last_used(store, name, 3600)  # an hour ago: idle since, or consumed all along
+    assert store.recover([me]).expired_queues == ["idle"]
+    # The clock starts when the last consumer leaves: cancelled, or its session ended.
+    store.cancel_queue("cancelled", me)
+    other.conn.close()
+    report = _pass_finding_dead(store, [me])
+    assert report.dead_consumers == [gone_later] and report.expired_queues == []
+    for name in ("consumed", "cancelled"):
+        _last_used(store, name, 61)
+    assert sorted(store.recover([me]).expired_queues) == ["cancelled", "consumed"]
+
+
+def test_temporary_queues_live_as_long_as_their_session_or_a_consumer(store, pg_url):
+    other = BrokerStore(connect(pg_url), store.schema)
+    owner = other.register_consumer()
+    other.declare_queue("mine.x", exclusive=True, owner=owner)
+    other.declare_queue("mine.ad", auto_delete=True, owner=owner)
+    other.declare_queue("shared.ad", auto_delete=True, owner=owner)
+    store.declare_queue("nobodys.ad", auto_delete=True)
+    reader = store.register_consumer()
+    store.consume_queue("shared.ad", reader)
+    assert store.recover([reader]).expired_queues == ["nobodys.ad"]
+    other.conn.close()
+    assert sorted(_pass_finding_dead(store, [reader]).expired_queues) == ["mine.ad", "mine.x"]
+    store.cancel_queue("shared.ad", reader)
+    assert store.recover([reader]).expired_queues == ["shared.ad"]
 
 
 def test_queue_ttl_applies_to_messages(store):

@@ -6,10 +6,13 @@
 -- in one statement: a message is in exactly one of (queue, DLQ) whatever happens.
 -- FOR UPDATE SKIP LOCKED: a claim in progress or a concurrent reaper owns the row.
 -- Only the oldest message per task id moves per statement (ON CONFLICT may touch a row once).
+-- Optionally only those of %(queues)s and (%(expired)s) only expired ones: the poison a
+-- purge, queue deletion or expiry is about to delete (BrokerStore).
 WITH candidates AS (
     SELECT id FROM {schema}.messages
     WHERE lock_token IS NULL AND delivery_count > 0 AND delivery_count >= %(max_deliveries)s
       AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+      AND (NOT %(expired)s OR expires_at <= now())
     ORDER BY id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -103,6 +106,26 @@ WITH moved AS (
     ON CONFLICT (task_name, reason, queue_kind) DO UPDATE SET added = c.added + EXCLUDED.added
 )
 SELECT (SELECT count(*) FROM moved), (SELECT id FROM ins)
+
+-- name: installed
+-- celery_dlq is installed for this schema (see the dlq_installed table's migration): the
+-- max_deliveries its reaper uses, or no row; and whether `reap` (same arguments) would
+-- move anything: otherwise it is not run, so a deletion never waits for a lock on the
+-- DLQ table it does not need.
+SELECT i.max_deliveries,
+       EXISTS (SELECT 1 FROM {schema}.messages
+               WHERE lock_token IS NULL AND delivery_count > 0 AND delivery_count >= i.max_deliveries
+                 AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+                 AND (NOT %(expired)s OR expires_at <= now()))
+FROM {schema}.dlq_installed i
+
+-- name: mark_installed
+INSERT INTO {schema}.dlq_installed (max_deliveries) VALUES (%(max_deliveries)s)
+ON CONFLICT (singleton) DO UPDATE SET max_deliveries = EXCLUDED.max_deliveries, updated_at = now()
+WHERE dlq_installed.max_deliveries <> EXCLUDED.max_deliveries
+
+-- name: mark_not_installed
+DELETE FROM {schema}.dlq_installed
 
 -- name: count_exhausted
 SELECT count(*) FROM {schema}.messages

@@ -2,28 +2,53 @@
 -- {schema} is the quoted schema identifier; values are always bound parameters.
 
 -- name: declare_queue
-INSERT INTO {schema}.queues (name, durable, exclusive, auto_delete, message_ttl_ms, expires_ms, max_priority)
-VALUES (%(name)s, %(durable)s, %(exclusive)s, %(auto_delete)s, %(message_ttl_ms)s, %(expires_ms)s, %(max_priority)s)
+-- owner: the declaring session's consumer id, for exclusive and auto-delete queues (they
+-- live as long as that session or a consumer, see unused_queues).
+INSERT INTO {schema}.queues (name, durable, exclusive, auto_delete, message_ttl_ms, expires_ms, max_priority,
+                             owner)
+VALUES (%(name)s, %(durable)s, %(exclusive)s, %(auto_delete)s, %(message_ttl_ms)s, %(expires_ms)s, %(max_priority)s,
+        %(owner)s)
 ON CONFLICT (name) DO UPDATE
 SET durable = EXCLUDED.durable, exclusive = EXCLUDED.exclusive, auto_delete = EXCLUDED.auto_delete,
     message_ttl_ms = EXCLUDED.message_ttl_ms, expires_ms = EXCLUDED.expires_ms,
-    max_priority = EXCLUDED.max_priority, last_used_at = now()
+    max_priority = EXCLUDED.max_priority, owner = EXCLUDED.owner, last_used_at = now()
 
 -- name: queue_exists
 SELECT EXISTS (SELECT 1 FROM {schema}.queues WHERE name = %(name)s)
     OR EXISTS (SELECT 1 FROM {schema}.messages WHERE queue = %(name)s)
 
 -- name: touch_queues
+-- A basic.get uses the queue (x-expires counts from then).
 UPDATE {schema}.queues SET last_used_at = now()
 WHERE name = ANY(%(names)s) AND expires_ms IS NOT NULL
 
--- name: delete_queue
-WITH gone_messages AS (
-    DELETE FROM {schema}.messages WHERE queue = %(name)s RETURNING 1
-), gone_queue AS (
-    DELETE FROM {schema}.queues WHERE name = %(name)s RETURNING 1
+-- name: consume_queue
+-- The consumer (a registered session) consumes the queue: it is in use as long as that
+-- session lives, whatever its loop is doing.  Nothing happens for an undeclared queue.
+WITH used AS (
+    UPDATE {schema}.queues SET last_used_at = now() WHERE name = %(queue)s RETURNING name
 )
-SELECT (SELECT count(*) FROM gone_messages) + (SELECT count(*) FROM gone_queue)
+INSERT INTO {schema}.queue_consumers (queue, consumer)
+SELECT name, %(consumer)s FROM used
+ON CONFLICT DO NOTHING
+
+-- name: cancel_queue
+-- The consumer stopped consuming the queue (x-expires counts from now: migration trigger).
+DELETE FROM {schema}.queue_consumers WHERE queue = %(queue)s AND consumer = %(consumer)s
+
+-- name: delete_queues
+-- The queues, their bindings (cascade) and all their messages, in flight ones too.
+-- Returns, per queue, the unlocked messages delivered %(poison)s times or more that were
+-- deleted (poison nothing captured; a NULL limit: none).
+WITH gone_queues AS (
+    DELETE FROM {schema}.queues WHERE name = ANY(%(names)s::text[])
+), gone AS (
+    DELETE FROM {schema}.messages WHERE queue = ANY(%(names)s::text[])
+    RETURNING queue, lock_token, delivery_count
+)
+SELECT queue, count(*) FROM gone
+WHERE lock_token IS NULL AND delivery_count >= %(poison)s
+GROUP BY queue
 
 -- name: declare_exchange
 INSERT INTO {schema}.exchanges (name, type, durable, auto_delete)
@@ -137,7 +162,13 @@ WITH moved AS (
 SELECT pg_notify(%(channel)s, queue) FROM moved WHERE serial_key IS NOT NULL
 
 -- name: purge
-DELETE FROM {schema}.messages WHERE queue = %(queue)s AND lock_token IS NULL
+-- The queue's ready messages (in-flight ones stay): how many, and how many of them were
+-- delivered %(poison)s times or more (poison nothing captured; a NULL limit: none).
+WITH gone AS (
+    DELETE FROM {schema}.messages WHERE queue = %(queue)s AND lock_token IS NULL
+    RETURNING delivery_count
+)
+SELECT count(*), count(*) FILTER (WHERE delivery_count >= %(poison)s) FROM gone
 
 -- name: size
 SELECT count(*) FROM {schema}.messages
@@ -202,20 +233,29 @@ WITH freed AS (
 SELECT * FROM freed
 
 -- name: delete_expired_messages
-DELETE FROM {schema}.messages
-WHERE lock_token IS NULL AND expires_at IS NOT NULL AND expires_at <= now()
-
--- name: delete_expired_queues
--- RabbitMQ x-expires: a queue unused (no consumer touching it, no declare) that long.
-WITH expired AS (
-    DELETE FROM {schema}.queues
-    WHERE expires_ms IS NOT NULL
-      AND last_used_at < now() - make_interval(secs => expires_ms / 1000.0)
-    RETURNING name
-), gone_messages AS (
-    DELETE FROM {schema}.messages m USING expired e WHERE m.queue = e.name
+-- x-message-ttl and per-message expiration (Celery's expires=): per queue, how many were
+-- deleted and how many of them were delivered %(poison)s times or more (as in purge).
+WITH gone AS (
+    DELETE FROM {schema}.messages
+    WHERE lock_token IS NULL AND expires_at IS NOT NULL AND expires_at <= now()
+    RETURNING queue, delivery_count
 )
-SELECT name FROM expired
+SELECT queue, count(*), count(*) FILTER (WHERE delivery_count >= %(poison)s) FROM gone
+GROUP BY queue
+
+-- name: unused_queues
+-- Queues to remove now, locked until the pass ends (delete_queues removes them).  Never
+-- one with a consumer: a queue_consumers row lives as long as its consumer's session.
+-- x-expires (RabbitMQ): no consumer, and not declared, consumed or read (basic.get) for
+-- that long.  Exclusive and auto-delete queues: no consumer, and the session that
+-- declared them is gone.  SKIP LOCKED: a queue being declared or consumed right now is
+-- in use.
+SELECT name FROM {schema}.queues q
+WHERE NOT EXISTS (SELECT 1 FROM {schema}.queue_consumers c WHERE c.queue = q.name)
+  AND ((q.expires_ms IS NOT NULL
+        AND q.last_used_at < now() - make_interval(secs => q.expires_ms / 1000.0))
+       OR ((q.exclusive OR q.auto_delete) AND q.owner IS NULL))
+FOR UPDATE SKIP LOCKED
 
 -- name: set_aside
 -- Keep a no-ack message that cannot be decoded (it was already taken from its queue).

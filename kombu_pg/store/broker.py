@@ -87,6 +87,15 @@ class Unlocked:
     superseded: list[Superseded] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Purged:
+    """What a purge deleted: ``messages``, of which ``poison`` were delivered ``max_deliveries``
+    times or more and not captured (celery_dlq not installed)."""
+
+    messages: int
+    poison: int
+
+
 @dataclass
 class RecoveryReport:
     ran: bool = False
@@ -94,7 +103,12 @@ class RecoveryReport:
     released: dict[str, int] = field(default_factory=dict)
     superseded: list[Superseded] = field(default_factory=list)
     expired_messages: int = 0
+    #: Queues removed: x-expires, or exclusive/auto-delete ones whose session is gone.
     expired_queues: list[str] = field(default_factory=list)
+    #: Poison deleted without being captured (celery_dlq not installed), per queue: by
+    #: message expiry, and with the removed queues.
+    poison_expired: dict[str, int] = field(default_factory=dict)
+    poison_in_expired_queues: dict[str, int] = field(default_factory=dict)
     #: Parts of the pass that failed (each logged); the others still ran.
     failed: list[str] = field(default_factory=list)
 
@@ -163,7 +177,11 @@ class BrokerStore:
         message_ttl_ms: int | None = None,
         expires_ms: int | None = None,
         max_priority: int | None = None,
+        owner: int | None = None,
     ) -> None:
+        """Create or redefine a queue.  An exclusive or auto-delete queue lives while its
+        ``owner`` (the declaring session's consumer id) or a consumer of it does: without
+        either, the next recovery pass removes it."""
         self._exec(
             "declare_queue",
             dict(
@@ -174,6 +192,7 @@ class BrokerStore:
                 message_ttl_ms=message_ttl_ms,
                 expires_ms=expires_ms,
                 max_priority=max_priority,
+                owner=owner,
             ),
         )
 
@@ -184,9 +203,22 @@ class BrokerStore:
         if names:
             self._exec("touch_queues", {"names": list(names)})
 
-    def delete_queue(self, name: str) -> None:
-        """Delete the queue, its bindings and all its messages (in flight ones too)."""
-        self._exec("delete_queue", {"name": name})
+    def consume_queue(self, queue: str, consumer_id: int) -> None:
+        """The consumer consumes ``queue``: it is in use (x-expires, auto-delete) as long as
+        the consumer's session lives, until :meth:`cancel_queue`."""
+        self._exec("consume_queue", {"queue": queue, "consumer": consumer_id})
+
+    def cancel_queue(self, queue: str, consumer_id: int) -> None:
+        self._exec("cancel_queue", {"queue": queue, "consumer": consumer_id})
+
+    def delete_queue(self, name: str, max_deliveries: int | None = None) -> int:
+        """Delete the queue, its bindings and all its messages (in flight ones too); return
+        how many poison messages went with it uncaptured (see :meth:`_poison_limit`)."""
+        return self._delete_queues([name], max_deliveries).get(name, 0)
+
+    def _delete_queues(self, names: list[str], max_deliveries: int | None) -> dict[str, int]:
+        poison = self._poison_limit(max_deliveries, queues=names)
+        return dict(self._exec("delete_queues", {"names": names, "poison": poison}).fetchall())
 
     def declare_exchange(self, name: str, type: str, *, durable: bool = True, auto_delete: bool = False) -> None:
         self._exec("declare_exchange", dict(name=name, type=type, durable=durable, auto_delete=auto_delete))
@@ -398,13 +430,59 @@ class BrokerStore:
             self.on_superseded(result.superseded)
         return result
 
+    def _dlq_exec(self, name: str, params: dict | None = None) -> psycopg.Cursor:
+        if self._dlq is None:
+            self._dlq = Queries(self.schema, "dlq.sql")
+        return self._execute(self._dlq[name], params)
+
     def dead_letter(self, token: str, detail: str | None = None) -> bool:
         """Move one delivered message into the dead-letter table (celery_dlq's), whole, in
         one statement; False when the token no longer matches (fenced)."""
-        if self._dlq is None:
-            self._dlq = Queries(self.schema, "dlq.sql")
-        existed, _ = self._execute(self._dlq["reject_to_dlq"], {"token": token, "detail": detail}).fetchone()
+        existed, _ = self._dlq_exec("reject_to_dlq", {"token": token, "detail": detail}).fetchone()
         return bool(existed)
+
+    def reap_batch(self, max_deliveries: int, limit: int = 500, *, queues: Sequence[str] | None = None,
+                   expired: bool = False) -> list[int]:
+        """One statement: move up to ``limit`` unlocked messages delivered ``max_deliveries``
+        times or more (of ``queues``; only expired ones with ``expired``) into the DLQ
+        table (celery_dlq's reaper); return the DLQ row ids."""
+        params = dict(max_deliveries=max_deliveries, limit=limit, queues=list(queues) if queues else None,
+                      expired=expired)
+        return [r[0] for r in self._dlq_exec("reap", params)]
+
+    def reap(self, max_deliveries: int, batch_size: int = 500, *, queues: Sequence[str] | None = None,
+             expired: bool = False, max_batches: int | None = None) -> int:
+        """:meth:`reap_batch` until none is left; return how many moved.
+
+        Safe on many hosts at once: rows another reaper (or a claim) holds are skipped,
+        and a batch that found only such rows ends the loop.
+        """
+        moved = batches = 0
+        while max_batches is None or batches < max_batches:
+            ids = self.reap_batch(max_deliveries, batch_size, queues=queues, expired=expired)
+            batches += 1
+            moved += len(ids)
+            if not ids:
+                break
+        return moved
+
+    def _poison_limit(self, max_deliveries: int | None, *, queues: Sequence[str] | None = None,
+                      expired: bool = False) -> int | None:
+        """Before a deletion: the delivery count from which a message it deletes is poison.
+
+        With celery_dlq installed (its row in ``dlq_installed``), the poison among the
+        messages about to be deleted (``queues``' or the ``expired`` ones) is first moved
+        into the DLQ by the reaper's statement, and its ``max_deliveries`` is the limit;
+        otherwise the transport's ``max_deliveries`` (None: no limit, nothing is poison).
+        """
+        row = self._dlq_exec("installed", {"queues": list(queues) if queues else None,
+                                           "expired": expired}).fetchone()
+        if row is None:
+            return max_deliveries
+        installed_max, poison_found = row
+        if poison_found:
+            self.reap(installed_max, queues=queues, expired=expired)
+        return installed_max
 
     def quarantine(self, token: str, error: str) -> None:
         self._exec("quarantine", {"token": token, "error": error, "channel": self.channel})
@@ -412,8 +490,10 @@ class BrokerStore:
     def set_aside(self, message_id: int, queue: str, payload: str, error: str) -> None:
         self._exec("set_aside", dict(id=message_id, queue=queue, payload=payload, error=error))
 
-    def purge(self, queue: str) -> int:
-        return self._exec("purge", {"queue": queue}).rowcount
+    def purge(self, queue: str, max_deliveries: int | None = None) -> Purged:
+        """Delete the queue's ready messages (see :meth:`_poison_limit` for poison)."""
+        poison = self._poison_limit(max_deliveries, queues=[queue])
+        return Purged(*self._exec("purge", {"queue": queue, "poison": poison}).fetchone())
 
     def size(self, queue: str) -> int:
         return int(self._scalar("size", {"queue": queue}))
@@ -462,11 +542,14 @@ class BrokerStore:
         self._exec("release_consumer_lock", {"namespace": self._namespace, "id": consumer_id})
         return list(unlocked.released)
 
-    def recover(self, own_consumers: Sequence[int], visibility_timeout: float | None = None) -> RecoveryReport:
+    def recover(self, own_consumers: Sequence[int], visibility_timeout: float | None = None,
+                max_deliveries: int | None = None) -> RecoveryReport:
         """One recovery pass; skipped (``ran=False``) while another session runs one.
 
-        Runs in a transaction (see :meth:`transaction`).  Each part runs in a savepoint: a part that fails is logged and undone alone, and the
-        others still run (only a lost connection ends the pass).
+        Runs in a transaction (see :meth:`transaction`).  Each part runs in a savepoint: a
+        part that fails is logged and undone alone, and the others still run (only a lost
+        connection ends the pass).  ``max_deliveries``: the transport's, to count the
+        poison expiry deletes (see :meth:`_poison_limit`).
         """
         report = RecoveryReport()
         with self.transaction():
@@ -483,10 +566,10 @@ class BrokerStore:
                     dead, unlocked.released, unlocked.superseded)
 
             def expire_messages() -> None:
-                report.expired_messages = self._exec("delete_expired_messages").rowcount
+                self._delete_expired_messages(report, max_deliveries)
 
             def expire_queues() -> None:
-                report.expired_queues = [r[0] for r in self._exec("delete_expired_queues")]
+                self._delete_unused_queues(report, max_deliveries)
 
             for part in (release, expire_messages, expire_queues):
                 self._recovery_part(part, report)
@@ -507,6 +590,19 @@ class BrokerStore:
                 raise
             report.failed.append(part.__name__)
             logger.error("kombu-pg recovery: %s failed, the rest of the pass goes on: %s", part.__name__, exc)
+
+    def _delete_expired_messages(self, report: RecoveryReport, max_deliveries: int | None) -> None:
+        poison = self._poison_limit(max_deliveries, expired=True)
+        for queue, count, uncaptured in self._exec("delete_expired_messages", {"poison": poison}):
+            report.expired_messages += count
+            if uncaptured:
+                report.poison_expired[queue] = uncaptured
+
+    def _delete_unused_queues(self, report: RecoveryReport, max_deliveries: int | None) -> None:
+        report.expired_queues = [r[0] for r in self._exec("unused_queues")]
+        if report.expired_queues:
+            report.poison_in_expired_queues = self._delete_queues(report.expired_queues, max_deliveries)
+
 
 
 def due_payload(visible_at: datetime | None) -> str | None:

@@ -54,8 +54,9 @@ def test_wsgi_and_asgi_build_the_same_request(method, path, kw):
     from_asgi = request_from_scope(scope(method, path, **asgi_kw), body, len(body))
     assert from_wsgi == from_asgi
     assert from_wsgi.read() == from_asgi.read() == body
-    assert from_wsgi == Request.of(method, path, query=kw.get("query", ""), body=body, root=kw.get("root", ""),
-                                   headers={n.lower(): v for n, v in kw.get("headers", [])})
+    headers = {n.lower(): v for n, v in kw.get("headers", [])}
+    assert from_wsgi == Request.of(method, path, query=kw.get("query", ""), headers=headers, body=body,
+                                   root=kw.get("root", ""))
 
 
 def test_asgi_size_is_what_arrived_not_what_was_announced():
@@ -64,9 +65,9 @@ def test_asgi_size_is_what_arrived_not_what_was_announced():
 
 
 def test_asgi_joins_repeated_headers_and_keeps_the_last_content_type():
-    request = request_from_scope(scope("POST", "/api/delete", headers=[
-        ("Accept", "a"), ("Accept", "b"), ("Content-Type", "text/plain"), ("Content-Type", "application/json")]),
-        b"", 0)
+    headers = [("Accept", "a"), ("Accept", "b"),
+               ("Content-Type", "text/plain"), ("Content-Type", "application/json")]
+    request = request_from_scope(scope("POST", "/api/delete", headers=headers), b"", 0)
     assert request.headers == {"accept": "a,b", "content-type": "application/json"}
 
 
@@ -95,7 +96,8 @@ def test_the_asgi_adapter_runs_the_handler_off_the_event_loop():
 
     async def run():
         seen["loop"] = threading.get_ident()
-        await ASGIAdapter(handle)(scope("POST", "/x", headers=[("Content-Type", "application/json")]), receive, send)
+        post = scope("POST", "/x", headers=[("Content-Type", "application/json")])
+        await ASGIAdapter(handle)(post, receive, send)
 
     asyncio.run(run())
     assert seen["thread"] != seen["loop"]
@@ -113,7 +115,8 @@ def test_the_handler_answers_a_request_directly(env):  # noqa: F811
     admin = DLQAdmin(env.app, token=TOKEN)
     auth = {"authorization": f"Bearer {TOKEN}"}
 
-    status, headers, body = admin.handle(Request.of("GET", "/api/entries", query="task=proj.seam", headers=auth))
+    listing = Request.of("GET", "/api/entries", query="task=proj.seam", headers=auth)
+    status, headers, body = admin.handle(listing)
     assert status == 200 and dict(headers)["Content-Type"].startswith("application/json")
     assert [r["id"] for r in json.loads(body)["rows"]] == [row_id]
 
@@ -139,10 +142,10 @@ def test_a_body_is_not_read_when_the_answer_does_not_need_it(env):  # noqa: F811
     auth = {"authorization": f"Bearer {TOKEN}"}
     get = Request("GET", "/api/stats", headers=auth, length=1000, read=unread)
     assert admin.handle(get).status == 200
-    no_token = Request("POST", "/api/delete", headers={"content-type": "application/json"}, length=10, read=unread)
+    json_type = {"content-type": "application/json"}
+    no_token = Request("POST", "/api/delete", headers=json_type, length=10, read=unread)
     assert admin.handle(no_token).status == 401
-    too_big = Request("POST", "/api/delete", headers={**auth, "content-type": "application/json"},
-                      length=(1 << 20) + 1, read=unread)
+    too_big = Request("POST", "/api/delete", headers={**auth, **json_type}, length=(1 << 20) + 1, read=unread)
     assert admin.handle(too_big).status == 413
 
 

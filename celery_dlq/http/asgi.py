@@ -65,8 +65,8 @@ class ASGIAdapter:
                 break
         request = request_from_scope(scope, b"".join(chunks), size)
         response = await asyncio.get_running_loop().run_in_executor(None, self.handle, request)
-        await send({"type": "http.response.start", "status": response.status,
-                    "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in response.head()]})
+        headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in response.head()]
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": response.body})
 
 

@@ -1,6 +1,7 @@
 """The admin itself: routes a :class:`Request` to an endpoint and returns a :class:`Response`.
 
-Knows nothing of WSGI or ASGI; :mod:`.wsgi` and :mod:`.asgi` translate to and from it.
+Nothing here reads an environ or a scope: :class:`DLQAdmin` only hands its :meth:`handle` to
+the adapters in :mod:`.wsgi` and :mod:`.asgi`, which translate to and from it.
 """
 
 from __future__ import annotations
@@ -133,7 +134,9 @@ class DLQAdmin:
             raise bad(f"unknown query parameter(s) {', '.join(unknown)}; "
                       f"allowed: {', '.join(FILTERS + ('limit', 'cursor'))}")
         inputs.check_fields(body, ())
-        limit = inputs.integer("limit", query["limit"], 1, self.max_page) if "limit" in query else DEFAULT_PAGE
+        limit = DEFAULT_PAGE
+        if "limit" in query:
+            limit = inputs.integer("limit", query["limit"], 1, self.max_page)
         cursor = inputs.integer("cursor", query["cursor"], 1, MAX_ID) if "cursor" in query else None
         filters = inputs.filters(query)
         with self._lock:

@@ -28,7 +28,8 @@ _CATALOG = {
                          'options', array_to_string(c.reloptions, ', '),
                          'view', pg_get_viewdef(c.oid))
         FROM pg_class c
-        WHERE c.relnamespace = %(schema)s::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'f')""",
+        WHERE c.relnamespace = %(schema)s::regnamespace
+          AND c.relkind IN ('r', 'p', 'v', 'm', 'f')""",
     # Position among live columns: row types and SELECT * depend on column order.
     "column": """
         SELECT 'column', c.relname || '.' || a.attname,
@@ -44,7 +45,8 @@ _CATALOG = {
         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
         JOIN pg_type t ON t.oid = a.atttypid
         LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
-        WHERE c.relnamespace = %(schema)s::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'f')""",
+        WHERE c.relnamespace = %(schema)s::regnamespace
+          AND c.relkind IN ('r', 'p', 'v', 'm', 'f')""",
     "index": """
         SELECT 'index', indexname, indexdef FROM pg_indexes WHERE schemaname = %(schema)s""",
     "constraint": """
@@ -88,7 +90,8 @@ def catalog(conn: psycopg.Connection, schema: str) -> dict[str, str]:
     objects = {}
     for query in _CATALOG.values():
         for kind, name, definition in conn.execute(query, {"schema": schema}):
-            objects[quoted.sub("{schema}", f"{kind} {name}")] = quoted.sub("{schema}", definition or "")
+            key = quoted.sub("{schema}", f"{kind} {name}")
+            objects[key] = quoted.sub("{schema}", definition or "")
     return objects
 
 
@@ -106,8 +109,8 @@ def differences(built: dict[str, str], described: dict[str, str]) -> list[str]:
         elif old is None:
             out.append(f"{key}: in schema.sql but no migration builds it:\n{indented(new)}")
         elif old != new and "\n" in old + new:
-            diff = difflib.unified_diff(old.splitlines(), new.splitlines(), "migrations", "schema.sql",
-                                        lineterm="", n=1)
+            diff = difflib.unified_diff(old.splitlines(), new.splitlines(), "migrations",
+                                        "schema.sql", lineterm="", n=1)
             out.append(f"{key}: differs:\n" + indented("\n".join(diff)))
         elif old != new:
             out.append(f"{key}: differs:\n    migrations: {old}\n    schema.sql: {new}")
@@ -130,14 +133,16 @@ def test_schema_sql_matches_the_migrations(pg_conn, schema, file_schema):
     built, described = catalog(pg_conn, schema), catalog(pg_conn, file_schema)
     assert any(key.startswith("function ") for key in built)  # the catalog queries see objects
     problems = differences(built, described)
-    assert not problems, "kombu_pg/sql/schema.sql differs from the migrations:\n" + "\n".join(problems)
+    assert not problems, (
+        "kombu_pg/sql/schema.sql differs from the migrations:\n" + "\n".join(problems))
 
 
 def test_a_drifted_schema_sql_is_reported_precisely(pg_conn, schema, file_schema):
     # The comparison itself: one changed index predicate is named, both ways shown.
     apply_migrations(pg_conn, schema)
     drifted = read_schema_sql().replace(
-        "WHERE lock_token IS NULL AND delivery_count > 0;", "WHERE lock_token IS NULL AND delivery_count > 1;")
+        "WHERE lock_token IS NULL AND delivery_count > 0;",
+        "WHERE lock_token IS NULL AND delivery_count > 1;")
     pg_conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(file_schema)))
     pg_conn.execute(sql.SQL(drifted).format(schema=sql.Identifier(file_schema)))
 

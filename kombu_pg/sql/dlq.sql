@@ -216,43 +216,30 @@ DELETE FROM {schema}.dlq_tombstones WHERE deleted_at < now() - make_interval(sec
 
 -- name: list
 -- Newest first; the cursor is the last id of the previous page (keyset pagination).
+-- The filter (dlq_matches, migration *_route_and_dlq_filter.sql) is the one count and
+-- matching_ids apply.
 SELECT id, task_id, task_name, queue, reason, exception_type, exception_message, status,
        retries, failure_count, delivery_count, source, first_failed_at, last_failed_at,
        requeue_count
-FROM {schema}.dlq
-WHERE (%(task)s::text IS NULL OR task_name = %(task)s)
-  AND (%(queue)s::text IS NULL OR queue = %(queue)s)
-  AND (%(reason)s::text IS NULL OR reason = %(reason)s)
-  AND (%(exception)s::text IS NULL OR exception_type = %(exception)s)
-  AND (%(status)s::text IS NULL OR status = %(status)s)
-  AND (%(since)s::timestamptz IS NULL OR last_failed_at >= %(since)s)
-  AND (%(until)s::timestamptz IS NULL OR last_failed_at < %(until)s)
-  AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
+FROM {schema}.dlq d
+WHERE {schema}.dlq_matches(d, %(task)s::text, %(queue)s::text, %(reason)s::text,
+                           %(exception)s::text, %(status)s::text, %(since)s::timestamptz,
+                           %(until)s::timestamptz, %(ids)s::bigint[])
   AND (%(cursor)s::bigint IS NULL OR id < %(cursor)s)
 ORDER BY id DESC
 LIMIT %(limit)s
 
 -- name: count
-SELECT count(*) FROM {schema}.dlq
-WHERE (%(task)s::text IS NULL OR task_name = %(task)s)
-  AND (%(queue)s::text IS NULL OR queue = %(queue)s)
-  AND (%(reason)s::text IS NULL OR reason = %(reason)s)
-  AND (%(exception)s::text IS NULL OR exception_type = %(exception)s)
-  AND (%(status)s::text IS NULL OR status = %(status)s)
-  AND (%(since)s::timestamptz IS NULL OR last_failed_at >= %(since)s)
-  AND (%(until)s::timestamptz IS NULL OR last_failed_at < %(until)s)
-  AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
+SELECT count(*) FROM {schema}.dlq d
+WHERE {schema}.dlq_matches(d, %(task)s::text, %(queue)s::text, %(reason)s::text,
+                           %(exception)s::text, %(status)s::text, %(since)s::timestamptz,
+                           %(until)s::timestamptz, %(ids)s::bigint[])
 
 -- name: matching_ids
-SELECT id FROM {schema}.dlq
-WHERE (%(task)s::text IS NULL OR task_name = %(task)s)
-  AND (%(queue)s::text IS NULL OR queue = %(queue)s)
-  AND (%(reason)s::text IS NULL OR reason = %(reason)s)
-  AND (%(exception)s::text IS NULL OR exception_type = %(exception)s)
-  AND (%(status)s::text IS NULL OR status = %(status)s)
-  AND (%(since)s::timestamptz IS NULL OR last_failed_at >= %(since)s)
-  AND (%(until)s::timestamptz IS NULL OR last_failed_at < %(until)s)
-  AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
+SELECT id FROM {schema}.dlq d
+WHERE {schema}.dlq_matches(d, %(task)s::text, %(queue)s::text, %(reason)s::text,
+                           %(exception)s::text, %(status)s::text, %(since)s::timestamptz,
+                           %(until)s::timestamptz, %(ids)s::bigint[])
 ORDER BY id
 LIMIT %(limit)s
 

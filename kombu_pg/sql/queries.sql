@@ -107,16 +107,10 @@ SELECT CASE WHEN %(notify)s THEN pg_notify(%(notify_channel)s, coalesce(%(notify
 FROM inserted
 
 -- name: publish_routed
--- One message to every queue bound to the exchange whose binding matches.
+-- One message to every queue bound to the exchange whose binding matches (route(),
+-- migration *_route_and_dlq_filter.sql).
 WITH targets AS (
-    SELECT DISTINCT b.queue
-    FROM {schema}.bindings b JOIN {schema}.exchanges e ON e.name = b.exchange
-    WHERE b.exchange = %(exchange)s
-      AND CASE e.type
-            WHEN 'fanout' THEN true
-            WHEN 'topic' THEN %(routing_key)s ~ b.pattern
-            ELSE b.routing_key = %(routing_key)s
-          END
+    SELECT queue FROM {schema}.route(%(exchange)s, %(routing_key)s) AS queue
 ), inserted AS (
     INSERT INTO {schema}.messages (queue, priority, payload, serial_key, visible_at, expires_at)
     SELECT t.queue, LEAST(%(priority)s, coalesce(q.max_priority, 255)), %(payload)s, %(serial_key)s,
@@ -397,16 +391,7 @@ WITH rows AS (
     UNION ALL
     SELECT r.*, coalesce(bound.queue, %(deadletter)s)
     FROM rows r
-    LEFT JOIN LATERAL (
-        SELECT DISTINCT b.queue
-        FROM {schema}.bindings b JOIN {schema}.exchanges e ON e.name = b.exchange
-        WHERE b.exchange = r.exchange
-          AND CASE e.type
-                WHEN 'fanout' THEN true
-                WHEN 'topic' THEN r.routing_key ~ b.pattern
-                ELSE b.routing_key = r.routing_key
-              END
-    ) bound ON true
+    LEFT JOIN LATERAL {schema}.route(r.exchange, r.routing_key) AS bound (queue) ON true
     WHERE r.exchange <> ''
 ), inserted AS (
     INSERT INTO {schema}.messages (queue, priority, payload, serial_key, visible_at, expires_at)

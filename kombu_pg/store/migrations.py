@@ -4,6 +4,10 @@ Migration files live in ``kombu_pg/sql/migrations/NNNN_name.sql``.  The pending 
 applied in one transaction together with their rows in ``schema_version``, so a crash
 leaves the schema at a whole version.  Many processes starting at once serialize on a transaction
 advisory lock and all but the first find nothing to do.
+
+A fresh schema is built by the same migrations.  ``kombu_pg/sql/schema.sql`` is the
+schema they build, in one file for reading; it is never applied, and tests/test_schema.py
+keeps it identical to what the migrations build.
 """
 
 from __future__ import annotations

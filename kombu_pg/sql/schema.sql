@@ -1,0 +1,550 @@
+-- The whole current schema of kombu-pg in one file, as a newcomer should read it: every
+-- table, index, sequence and function as the migrations leave them, with the live
+-- definition of each function.  {schema} is the quoted schema identifier.
+--
+-- Installs and upgrades run the numbered files in migrations/ (kombu_pg/store/migrations.py),
+-- never this file: it is the reference, and tests/test_schema.py fails when it differs
+-- from what the migrations build.  A change to the schema is a new migration AND the same
+-- change here, in one commit (CONTRIBUTING.md).  The migrations keep the history: why a
+-- function changed is told at the top of the migration that changed it.
+--
+-- Column order is the migrations' order (a column added by ALTER TABLE comes last), since
+-- row types and SELECT * depend on it.
+
+-- Applied migrations, one row each; created by migrations.py before the first migration.
+CREATE TABLE {schema}.schema_version (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+
+-- ---------------------------------------------------------------------------------------
+-- Broker: queues, exchanges, bindings, consumers, messages (0001, 0004, 0005)
+-- ---------------------------------------------------------------------------------------
+
+CREATE TABLE {schema}.queues (
+    name           text PRIMARY KEY,
+    durable        boolean NOT NULL DEFAULT true,
+    exclusive      boolean NOT NULL DEFAULT false,
+    auto_delete    boolean NOT NULL DEFAULT false,
+    message_ttl_ms bigint CHECK (message_ttl_ms >= 0),
+    expires_ms     bigint CHECK (expires_ms > 0),
+    max_priority   smallint,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    last_used_at   timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX queues_expiring_idx ON {schema}.queues (last_used_at) WHERE expires_ms IS NOT NULL;
+
+CREATE TABLE {schema}.exchanges (
+    name        text PRIMARY KEY,
+    type        text NOT NULL CHECK (type IN ('direct', 'topic', 'fanout')),
+    durable     boolean NOT NULL DEFAULT true,
+    auto_delete boolean NOT NULL DEFAULT false
+);
+
+CREATE TABLE {schema}.bindings (
+    exchange    text NOT NULL,
+    queue       text NOT NULL REFERENCES {schema}.queues (name) ON DELETE CASCADE,
+    routing_key text NOT NULL DEFAULT '',
+    -- POSIX regex for topic bindings (Kombu's key_to_pattern), NULL otherwise.
+    pattern     text,
+    PRIMARY KEY (exchange, queue, routing_key)
+);
+
+CREATE INDEX bindings_queue_idx ON {schema}.bindings (queue);
+
+-- Consumers: one row per claiming session.  The row's owner holds the session-level
+-- advisory lock (namespace, id); a free lock means the owner is gone.
+CREATE SEQUENCE {schema}.consumer_ids AS integer CYCLE;
+
+CREATE TABLE {schema}.consumers (
+    id          integer PRIMARY KEY,
+    hostname    text NOT NULL,
+    pid         integer NOT NULL,
+    backend_pid integer NOT NULL DEFAULT pg_backend_pid(),
+    started_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE {schema}.messages (
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    queue            text NOT NULL,
+    -- AMQP semantics: 0-9, higher is delivered first.
+    priority         smallint NOT NULL DEFAULT 0,
+    -- The Kombu message as JSON text (jsonb rejects \u0000, which Celery headers can carry).
+    payload          text NOT NULL,
+    -- At most one message per serial key in flight, cluster-wide (claim()).
+    serial_key       text,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    -- Delayed delivery: not claimable before this time (NULL: now).
+    visible_at       timestamptz,
+    expires_at       timestamptz,
+    delivery_count   integer NOT NULL DEFAULT 0,
+    -- Set while delivered: the token fences acks and requeues of an older delivery.
+    lock_token       uuid,
+    locked_by        integer,
+    locked_at        timestamptz,
+    -- At most one waiting message per job key (docs/job-keys.md).
+    job_key          text,
+    -- Set by a replace to the task id it displaced, so the publish can report it.
+    replaced_task_id text
+) WITH (
+    fillfactor = 80,
+    autovacuum_vacuum_scale_factor = 0.01,
+    autovacuum_vacuum_cost_delay = 0
+);
+
+-- The ready path: unlocked, undelayed, unkeyed rows in claim order.
+CREATE INDEX messages_ready_idx ON {schema}.messages (queue, priority DESC, id)
+    WHERE lock_token IS NULL AND visible_at IS NULL AND serial_key IS NULL;
+-- Ready keyed messages in claim order, the (small) set of keys in flight, and each key's head.
+CREATE INDEX messages_ready_keyed_idx ON {schema}.messages (queue, priority DESC, id)
+    WHERE lock_token IS NULL AND visible_at IS NULL AND serial_key IS NOT NULL;
+CREATE INDEX messages_keys_in_flight_idx ON {schema}.messages (serial_key)
+    WHERE lock_token IS NOT NULL AND serial_key IS NOT NULL;
+CREATE INDEX messages_key_head_idx ON {schema}.messages (serial_key, priority DESC, id)
+    WHERE lock_token IS NULL AND serial_key IS NOT NULL;
+CREATE INDEX messages_delayed_idx ON {schema}.messages (visible_at)
+    WHERE visible_at IS NOT NULL AND lock_token IS NULL;
+CREATE INDEX messages_expiring_idx ON {schema}.messages (expires_at)
+    WHERE expires_at IS NOT NULL AND lock_token IS NULL;
+CREATE UNIQUE INDEX messages_lock_token_idx ON {schema}.messages (lock_token)
+    WHERE lock_token IS NOT NULL;
+CREATE INDEX messages_locked_by_idx ON {schema}.messages (locked_by, locked_at)
+    WHERE lock_token IS NOT NULL;
+-- Reaper candidates: unlocked messages that were delivered at least once.
+CREATE INDEX messages_redelivered_idx ON {schema}.messages (delivery_count, id)
+    WHERE lock_token IS NULL AND delivery_count > 0;
+-- The one waiting message of a job key (publish_job's ON CONFLICT), and the in-flight ones.
+CREATE UNIQUE INDEX messages_waiting_job_key_idx ON {schema}.messages (job_key)
+    WHERE job_key IS NOT NULL AND lock_token IS NULL;
+CREATE INDEX messages_job_key_in_flight_idx ON {schema}.messages (job_key)
+    WHERE job_key IS NOT NULL AND lock_token IS NOT NULL;
+
+-- Rows a consumer could not decode are moved here whole instead of being dropped.
+CREATE TABLE {schema}.invalid_messages (
+    id         bigint PRIMARY KEY,
+    queue      text NOT NULL,
+    payload    text NOT NULL,
+    error      text NOT NULL,
+    moved_at   timestamptz NOT NULL DEFAULT now()
+);
+
+
+-- ---------------------------------------------------------------------------------------
+-- Result backend: results, groups, chords, chord parts (0002, 0008)
+--
+-- Every payload column is bytea holding the bytes Celery's result serializer produced
+-- (json, pickle, msgpack...), optionally compressed (result_compression); the row says
+-- which serializer wrote it, so a change of result_serializer keeps old rows readable.
+-- ---------------------------------------------------------------------------------------
+
+CREATE TABLE {schema}.results (
+    task_id          text PRIMARY KEY,
+    status           text NOT NULL,
+    content_type     text NOT NULL,
+    content_encoding text NOT NULL,
+    result           bytea,
+    traceback        text,
+    children         bytea,
+    -- Set when a ready state (SUCCESS, FAILURE, REVOKED...) is stored.
+    date_done        timestamptz,
+    -- Set the first time STARTED is stored (task_track_started), kept afterwards.
+    date_started     timestamptz,
+    -- result_extended fields; args and kwargs are serialized like the result.
+    name             text,
+    args             bytea,
+    kwargs           bytea,
+    worker           text,
+    retries          integer,
+    queue            text,
+    group_id         text,
+    parent_id        text,
+    -- Anything else Celery puts in the meta (stamped headers), serialized as a dict.
+    extra            bytea,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    -- NULL: never expires.  Rows past this time read as PENDING and are deleted by
+    -- celery.backend_cleanup.
+    expires_at       timestamptz
+);
+
+CREATE INDEX results_expires_idx ON {schema}.results (expires_at) WHERE expires_at IS NOT NULL;
+CREATE INDEX results_group_idx ON {schema}.results (group_id) WHERE group_id IS NOT NULL;
+
+-- GroupResult.save(): the group's result tuple (as_tuple()), serialized.
+CREATE TABLE {schema}.groups (
+    group_id         text PRIMARY KEY,
+    content_type     text NOT NULL,
+    content_encoding text NOT NULL,
+    result           bytea NOT NULL,
+    date_done        timestamptz NOT NULL DEFAULT now(),
+    expires_at       timestamptz
+);
+
+CREATE INDEX groups_expires_idx ON {schema}.groups (expires_at) WHERE expires_at IS NOT NULL;
+
+-- One row per chord (keyed by the header's group id): the atomic counter.
+-- size comes from set_chord_size(); done counts distinct header parts that returned;
+-- fired_by is the claim token of the one on_chord_part_return call that sends the body.
+CREATE TABLE {schema}.chords (
+    group_id         text PRIMARY KEY,
+    size             integer,
+    done             integer NOT NULL DEFAULT 0,
+    -- The header's task ids in header order: the body gets the values in this order.
+    task_ids         text[],
+    -- A header holding nested groups is saved so the body gets the nested structure.
+    header           bytea,
+    content_type     text,
+    content_encoding text,
+    fired_by         uuid,
+    fired_at         timestamptz,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    expires_at       timestamptz,
+    -- Ids of the tasks Task.add_to_chord() added: each raises the target once, however
+    -- often its statement runs.
+    added            text[]
+);
+
+CREATE INDEX chords_expires_idx ON {schema}.chords (expires_at) WHERE expires_at IS NOT NULL;
+
+-- The value each header part returned, kept until the body is sent.  The primary key
+-- makes a redelivered part count once.
+CREATE TABLE {schema}.chord_parts (
+    group_id         text NOT NULL,
+    task_id          text NOT NULL,
+    -- Position in the header (request.group_index); 2147483647 when unknown.
+    group_index      integer NOT NULL,
+    id               bigint GENERATED ALWAYS AS IDENTITY,
+    state            text NOT NULL,
+    content_type     text NOT NULL,
+    content_encoding text NOT NULL,
+    result           bytea,
+    expires_at       timestamptz,
+    PRIMARY KEY (group_id, task_id, group_index)
+);
+
+CREATE INDEX chord_parts_expires_idx ON {schema}.chord_parts (expires_at) WHERE expires_at IS NOT NULL;
+
+
+-- ---------------------------------------------------------------------------------------
+-- Dead-letter queue (celery_dlq): failed messages kept whole, per-reason counters, and
+-- tombstones for rows an operator deleted (0003)
+-- ---------------------------------------------------------------------------------------
+
+CREATE TABLE {schema}.dlq (
+    id                bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    -- The logical message: Celery's task id (kept by retries and by requeue).
+    task_id           text,
+    task_name         text,
+    -- Where the message came from: the broker queue (reaped rows) or the routing key.
+    queue             text,
+    exchange          text,
+    routing_key       text,
+    priority          smallint NOT NULL DEFAULT 0,
+    serial_key        text,
+    reason            text NOT NULL CHECK (reason IN
+                        ('non_retryable', 'retries_exhausted', 'max_deliveries', 'rejected', 'manual')),
+    exception_type    text,
+    exception_message text,
+    traceback         text,
+    -- The full Kombu message as JSON text (not jsonb: \u0000 must survive).
+    message           text NOT NULL,
+    -- Celery retry attempts already made (request.retries), not DLQ captures.
+    retries           integer NOT NULL DEFAULT 0,
+    -- Broker deliveries (reaped rows only).
+    delivery_count    integer,
+    -- How many times this logical message reached the DLQ.
+    failure_count     integer NOT NULL DEFAULT 1,
+    status            text NOT NULL DEFAULT 'dead' CHECK (status IN ('dead', 'requeued', 'resolved')),
+    notes             text[] NOT NULL DEFAULT ARRAY[]::text[],
+    -- Which path captured it: signal, main (main-process signal), reaper, backstop, manual.
+    source            text NOT NULL,
+    broker_message_id bigint,
+    worker            text,
+    first_failed_at   timestamptz NOT NULL DEFAULT now(),
+    last_failed_at    timestamptz NOT NULL DEFAULT now(),
+    requeue_count     integer NOT NULL DEFAULT 0,
+    requeued_at       timestamptz,
+    resolved_at       timestamptz
+);
+
+CREATE UNIQUE INDEX dlq_task_id_idx ON {schema}.dlq (task_id) WHERE task_id IS NOT NULL;
+CREATE INDEX dlq_last_failed_idx ON {schema}.dlq (last_failed_at);
+CREATE INDEX dlq_task_name_idx ON {schema}.dlq (task_name, id);
+
+-- Monotonic "added to the DLQ" counters, bumped in the same statement as every capture,
+-- so any process (prefork children included) counts and a scrape reads the database.
+CREATE TABLE {schema}.dlq_counters (
+    task_name  text NOT NULL,
+    reason     text NOT NULL,
+    queue_kind text NOT NULL CHECK (queue_kind IN ('parallel', 'serial')),
+    added      bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (task_name, reason, queue_kind)
+);
+
+-- Task ids an operator deleted: the backstop sweep must not bring them back.
+CREATE TABLE {schema}.dlq_tombstones (
+    task_id    text PRIMARY KEY,
+    deleted_at timestamptz NOT NULL DEFAULT now()
+);
+
+
+-- ---------------------------------------------------------------------------------------
+-- Functions
+-- ---------------------------------------------------------------------------------------
+
+-- A payload that is not JSON must not abort a reaping statement: it reads as NULL.
+-- Only used to read header fields: \u0000 escapes (which PostgreSQL cannot extract as
+-- text, and Celery's argsrepr can carry) are replaced; the stored message keeps them.
+CREATE FUNCTION {schema}.dlq_json(payload text) RETURNS json
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RETURN replace(payload, '\u0000', '\ufffd')::json;
+EXCEPTION WHEN others THEN
+    RETURN NULL;
+END;
+$$;
+
+-- One field of a message document as text, NULL when absent or unreadable.
+CREATE FUNCTION {schema}.dlq_text(doc json, VARIADIC path text[]) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RETURN doc #>> path;
+EXCEPTION WHEN others THEN
+    RETURN NULL;
+END;
+$$;
+
+-- Claim up to p_limit messages of p_queue for consumer p_consumer (0004; 0007 finds the
+-- locked unkeyed candidates by primary key).
+--
+-- Keyed messages first: for each candidate key, never waiting,
+--   1. take a transaction advisory lock on the key (skip the key if another claim has it);
+--   2. check no message of the key is in flight -- this statement's snapshot is newer than
+--      the commit of any claim that held the advisory lock before us, so it sees that claim;
+--   3. lock the key's head (best priority, then oldest) with SKIP LOCKED, or skip the key.
+-- A key is free again as soon as its message is acked (deleted) or unlocked (requeue,
+-- recovery): "held" is derived from the messages themselves, so no lock row can leak.
+-- Unkeyed messages fill the rest of the batch.
+CREATE FUNCTION {schema}.claim(
+    p_queue text, p_limit integer, p_consumer integer, p_max_deliveries integer, p_namespace integer
+) RETURNS TABLE (id bigint, priority smallint, payload text, lock_token uuid, delivery_count integer)
+LANGUAGE plpgsql VOLATILE AS $$
+#variable_conflict use_column
+DECLARE
+    candidate record;
+    head_id bigint;
+    taken integer := 0;
+    tried text[] := ARRAY[]::text[];
+BEGIN
+    FOR candidate IN
+        SELECT m.serial_key FROM {schema}.messages m
+        WHERE m.queue = p_queue AND m.serial_key IS NOT NULL AND m.lock_token IS NULL
+          AND m.visible_at IS NULL AND (m.expires_at IS NULL OR m.expires_at > now())
+          AND m.delivery_count < p_max_deliveries
+          AND NOT EXISTS (SELECT 1 FROM {schema}.messages h
+                          WHERE h.serial_key = m.serial_key AND h.lock_token IS NOT NULL)
+        ORDER BY m.priority DESC, m.id
+        LIMIT p_limit * 4
+    LOOP
+        EXIT WHEN taken >= p_limit;
+        CONTINUE WHEN candidate.serial_key = ANY(tried);
+        tried := tried || candidate.serial_key;
+        CONTINUE WHEN NOT pg_try_advisory_xact_lock(p_namespace, hashtext(candidate.serial_key));
+        CONTINUE WHEN EXISTS (SELECT 1 FROM {schema}.messages h
+                              WHERE h.serial_key = candidate.serial_key AND h.lock_token IS NOT NULL);
+        SELECT m.id INTO head_id FROM {schema}.messages m
+        WHERE m.serial_key = candidate.serial_key AND m.lock_token IS NULL
+          AND (m.expires_at IS NULL OR m.expires_at > now())
+        ORDER BY m.priority DESC, m.id
+        LIMIT 1;
+        -- The head itself must be due, of this queue and not poison: otherwise the key
+        -- waits (a poison head blocks its key until the dead-letter reaper moves it).
+        PERFORM 1 FROM {schema}.messages m
+        WHERE m.id = head_id AND m.queue = p_queue AND m.lock_token IS NULL
+          AND m.visible_at IS NULL AND m.delivery_count < p_max_deliveries
+        FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND;
+        RETURN QUERY
+            UPDATE {schema}.messages m
+            SET lock_token = gen_random_uuid(), locked_by = p_consumer, locked_at = now(),
+                delivery_count = m.delivery_count + 1
+            WHERE m.id = head_id
+            RETURNING m.id, m.priority, m.payload, m.lock_token, m.delivery_count;
+        taken := taken + 1;
+    END LOOP;
+
+    IF taken < p_limit THEN
+        RETURN QUERY
+            WITH candidates AS (
+                SELECT m.id FROM {schema}.messages m
+                WHERE m.queue = p_queue AND m.lock_token IS NULL AND m.visible_at IS NULL
+                  AND m.serial_key IS NULL
+                  AND (m.expires_at IS NULL OR m.expires_at > now())
+                  AND m.delivery_count < p_max_deliveries
+                ORDER BY m.priority DESC, m.id
+                LIMIT p_limit - taken
+                FOR UPDATE SKIP LOCKED
+            )
+            UPDATE {schema}.messages m
+            SET lock_token = gen_random_uuid(), locked_by = p_consumer, locked_at = now(),
+                delivery_count = m.delivery_count + 1
+            -- By primary key, never a join: with a small table in the statistics the
+            -- planner hashes a sequential scan of messages, dead rows included.
+            WHERE m.id = ANY(ARRAY(SELECT c.id FROM candidates c))
+            RETURNING m.id, m.priority, m.payload, m.lock_token, m.delivery_count;
+    END IF;
+END
+$$;
+
+-- Delete delivered messages by lock token (a token that no longer matches is a no-op:
+-- fencing) and wake the consumers of queues where a serial key was freed; returns those
+-- queues.  p_durable false: the commit does not wait for the WAL flush (0006 says why
+-- that is safe for acks and claims, and only for them).
+CREATE FUNCTION {schema}.ack(p_tokens uuid[], p_channel text, p_durable boolean)
+RETURNS SETOF text
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    freed text[];
+BEGIN
+    IF NOT p_durable THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
+    WITH gone AS (
+        DELETE FROM {schema}.messages WHERE lock_token = ANY(p_tokens)
+        RETURNING queue, serial_key
+    )
+    SELECT array_agg(DISTINCT queue) FILTER (WHERE serial_key IS NOT NULL) INTO freed FROM gone;
+    PERFORM pg_notify(p_channel, q) FROM unnest(freed) AS q;
+    RETURN QUERY SELECT unnest(freed);
+END
+$$;
+
+-- Ack p_tokens, then claim: a key freed by the ack can be claimed again by this very
+-- statement, which sees the delete.  One round trip and one commit per batch (0006).
+CREATE FUNCTION {schema}.ack_and_claim(
+    p_tokens uuid[], p_channel text, p_durable boolean,
+    p_queue text, p_limit integer, p_consumer integer, p_max_deliveries integer, p_namespace integer
+) RETURNS TABLE (id bigint, priority smallint, payload text, lock_token uuid, delivery_count integer)
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    IF NOT p_durable THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
+    IF cardinality(p_tokens) > 0 THEN
+        PERFORM {schema}.ack(p_tokens, p_channel, p_durable);
+    END IF;
+    RETURN QUERY SELECT * FROM {schema}.claim(p_queue, p_limit, p_consumer, p_max_deliveries, p_namespace);
+END
+$$;
+
+-- Unlock the messages delivered under p_tokens (a token that no longer matches is a
+-- no-op: fencing) and wake their queues' consumers.  Returns one row per queue with
+-- messages unlocked (unlocked > 0, job_key NULL) and one row per superseded message
+-- (unlocked = 0): its queue, job key, whether it had a serial key, its task id and the
+-- waiting message's.  A job key allows one waiting message, so an unlocked message whose
+-- key already has one is superseded (deleted) instead of failing the statement (0009).
+CREATE FUNCTION {schema}.unlock(p_tokens uuid[], p_channel text)
+RETURNS TABLE (queue text, unlocked integer, job_key text, serial boolean, task_id text,
+               waiting_task_id text)
+LANGUAGE plpgsql VOLATILE AS $$
+#variable_conflict use_column
+DECLARE
+    freed text[];
+    woken text[] := ARRAY[]::text[];
+    keyed record;
+    gone record;
+    twin record;
+    violated text;
+BEGIN
+    -- Unkeyed messages: no unique index covers them, so one UPDATE cannot fail by row.
+    WITH unkeyed AS (
+        UPDATE {schema}.messages m SET lock_token = NULL, locked_by = NULL, locked_at = NULL
+        WHERE m.lock_token = ANY(p_tokens) AND m.job_key IS NULL
+        RETURNING m.queue
+    )
+    SELECT coalesce(array_agg(u.queue), ARRAY[]::text[]) INTO freed FROM unkeyed u;
+
+    -- Keyed ones one at a time, newest first, so that of several messages with one key
+    -- unlocked together the newest stays.  A publish with the key can commit between
+    -- our check and our update: the unique violation is then caught, row by row (a
+    -- subtransaction each), never failing the others.
+    FOR keyed IN
+        SELECT m.id, m.lock_token, m.job_key FROM {schema}.messages m
+        WHERE m.lock_token = ANY(p_tokens) AND m.job_key IS NOT NULL
+        ORDER BY m.id DESC
+    LOOP
+        BEGIN
+            UPDATE {schema}.messages m SET lock_token = NULL, locked_by = NULL, locked_at = NULL
+            WHERE m.id = keyed.id AND m.lock_token = keyed.lock_token
+              AND NOT EXISTS (SELECT 1 FROM {schema}.messages w
+                              WHERE w.job_key = keyed.job_key AND w.lock_token IS NULL)
+            RETURNING m.queue INTO gone;
+            IF FOUND THEN
+                freed := freed || gone.queue;
+                CONTINUE;
+            END IF;
+        EXCEPTION WHEN unique_violation THEN
+            GET STACKED DIAGNOSTICS violated = CONSTRAINT_NAME;
+            IF violated IS DISTINCT FROM 'messages_waiting_job_key_idx' THEN
+                RAISE;
+            END IF;
+        END;
+        -- A message with the key is waiting: this one is superseded by it.
+        DELETE FROM {schema}.messages m WHERE m.id = keyed.id AND m.lock_token = keyed.lock_token
+        RETURNING m.queue, m.serial_key IS NOT NULL AS serial,
+                  {schema}.dlq_text({schema}.dlq_json(m.payload), 'headers', 'id') AS task_id
+        INTO gone;
+        CONTINUE WHEN NOT FOUND;  -- acked meanwhile
+        SELECT w.queue, {schema}.dlq_text({schema}.dlq_json(w.payload), 'headers', 'id') AS task_id
+        INTO twin
+        FROM {schema}.messages w WHERE w.job_key = keyed.job_key AND w.lock_token IS NULL;
+        -- The waiting one may share this one's serial key, which the delete just freed.
+        IF twin.queue IS NOT NULL THEN
+            woken := woken || twin.queue;
+        END IF;
+        RETURN QUERY SELECT gone.queue, 0, keyed.job_key, gone.serial, gone.task_id, twin.task_id;
+    END LOOP;
+
+    PERFORM pg_notify(p_channel, q) FROM (SELECT DISTINCT q FROM unnest(freed || woken) AS q) AS d;
+    RETURN QUERY SELECT f, count(*)::integer, NULL::text, NULL::boolean, NULL::text, NULL::text
+                 FROM unnest(freed) AS f GROUP BY f;
+END
+$$;
+
+-- route() and dlq_matches() are plain SQL functions, not STRICT, not VOLATILE, without SET
+-- clauses, so the planner inlines them into the calling statement (0010;
+-- tests/test_schema.py checks that they stay inlined).
+
+-- The queues a message published to p_exchange with p_routing_key goes to: every queue
+-- with a matching binding (fanout: any; topic: the binding's pattern, Kombu's
+-- key_to_pattern; direct and any other type: the exact routing key).  No row: unroutable.
+CREATE FUNCTION {schema}.route(p_exchange text, p_routing_key text) RETURNS SETOF text
+LANGUAGE sql STABLE AS $$
+    SELECT DISTINCT b.queue
+    FROM {schema}.bindings b JOIN {schema}.exchanges e ON e.name = b.exchange
+    WHERE b.exchange = p_exchange
+      AND CASE e.type
+            WHEN 'fanout' THEN true
+            WHEN 'topic' THEN p_routing_key ~ b.pattern
+            ELSE b.routing_key = p_routing_key
+          END
+$$;
+
+-- Whether DLQ row d passes an operator's filter; a NULL argument does not filter.
+CREATE FUNCTION {schema}.dlq_matches(
+    d {schema}.dlq, p_task text, p_queue text, p_reason text, p_exception text, p_status text,
+    p_since timestamptz, p_until timestamptz, p_ids bigint[]
+) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT (p_task IS NULL OR d.task_name = p_task)
+       AND (p_queue IS NULL OR d.queue = p_queue)
+       AND (p_reason IS NULL OR d.reason = p_reason)
+       AND (p_exception IS NULL OR d.exception_type = p_exception)
+       AND (p_status IS NULL OR d.status = p_status)
+       AND (p_since IS NULL OR d.last_failed_at >= p_since)
+       AND (p_until IS NULL OR d.last_failed_at < p_until)
+       AND (p_ids IS NULL OR d.id = ANY(p_ids))
+$$;

@@ -20,7 +20,7 @@ CREATE TABLE {schema}.schema_version (
 
 
 -- ---------------------------------------------------------------------------------------
--- Broker: queues, exchanges, bindings, consumers, messages (0001, 0004, 0005)
+-- Broker: queues, exchanges, bindings, consumers, messages (0001, 0004, 0005, 0010)
 -- ---------------------------------------------------------------------------------------
 
 CREATE TABLE {schema}.queues (
@@ -32,10 +32,14 @@ CREATE TABLE {schema}.queues (
     expires_ms     bigint CHECK (expires_ms > 0),
     max_priority   smallint,
     created_at     timestamptz NOT NULL DEFAULT now(),
-    last_used_at   timestamptz NOT NULL DEFAULT now()
+    last_used_at   timestamptz NOT NULL DEFAULT now(),
+    -- The consumer whose session declared an exclusive or auto-delete queue (NULL when
+    -- that session is gone, or for other queues); its foreign key follows consumers.
+    owner          integer
 );
 
 CREATE INDEX queues_expiring_idx ON {schema}.queues (last_used_at) WHERE expires_ms IS NOT NULL;
+CREATE INDEX queues_owner_idx ON {schema}.queues (owner) WHERE owner IS NOT NULL;
 
 CREATE TABLE {schema}.exchanges (
     name        text PRIMARY KEY,
@@ -65,6 +69,45 @@ CREATE TABLE {schema}.consumers (
     pid         integer NOT NULL,
     backend_pid integer NOT NULL DEFAULT pg_backend_pid(),
     started_at  timestamptz NOT NULL DEFAULT now()
+);
+
+ALTER TABLE {schema}.queues
+    ADD FOREIGN KEY (owner) REFERENCES {schema}.consumers (id) ON DELETE SET NULL;
+
+-- Consumers (registered sessions) consuming a queue: a queue is in use (x-expires) while
+-- a row names it.  A row goes with its consumer (clean close or recovery finding the
+-- session dead) and with its queue.
+CREATE TABLE {schema}.queue_consumers (
+    queue    text NOT NULL REFERENCES {schema}.queues (name) ON DELETE CASCADE,
+    consumer integer NOT NULL REFERENCES {schema}.consumers (id) ON DELETE CASCADE,
+    PRIMARY KEY (queue, consumer)
+);
+
+CREATE INDEX queue_consumers_consumer_idx ON {schema}.queue_consumers (consumer);
+
+-- RabbitMQ's x-expires counts from the moment a queue lost its last consumer: whichever
+-- way a consumer row goes, the queue's clock restarts then.
+CREATE FUNCTION {schema}.queue_consumers_left() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE {schema}.queues q SET last_used_at = now()
+    FROM (SELECT DISTINCT queue FROM gone) g
+    WHERE q.name = g.queue AND q.expires_ms IS NOT NULL;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER queue_consumers_left AFTER DELETE ON {schema}.queue_consumers
+    REFERENCING OLD TABLE AS gone
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.queue_consumers_left();
+
+-- celery_dlq is installed for this schema when this table has its row (celery_dlq writes
+-- it, with its max_deliveries, when it opens enabled in the broker's own schema): expiry,
+-- purge and queue deletion then move the poison they would delete into the DLQ first.
+CREATE TABLE {schema}.dlq_installed (
+    singleton      boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    max_deliveries integer NOT NULL CHECK (max_deliveries >= 1),
+    updated_at     timestamptz NOT NULL DEFAULT now()
 );
 
 CREATE TABLE {schema}.messages (
@@ -515,7 +558,7 @@ END
 $$;
 
 -- route() and dlq_matches() are plain SQL functions, not STRICT, not VOLATILE, without SET
--- clauses, so the planner inlines them into the calling statement (0010;
+-- clauses, so the planner inlines them into the calling statement (0011;
 -- tests/test_schema.py checks that they stay inlined).
 
 -- The queues a message published to p_exchange with p_routing_key goes to: every queue

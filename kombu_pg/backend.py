@@ -21,7 +21,6 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field, fields
 from datetime import timezone
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 from uuid import uuid4
@@ -39,19 +38,10 @@ from kombu.utils.encoding import bytes_to_str
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.errors import ReadOnlySqlTransaction
 
-from .config import (
-    DEFAULT_SCHEMA,
-    GENERIC_TRANSPORT_OPTIONS,
-    ConfigurationError,
-    Options,
-    build_conninfo,
-    redact,
-    redact_url,
-    validate_schema,
-)
+from .config import BackendOptions, build_conninfo, redact, redact_url
 from .store.connect import connect
 from .store.migrations import MigrationError, all_migrations, apply_migrations, current_version
-from .store.results import CLEANUP_BATCH, ResultListener, ResultStore
+from .store.results import ResultListener, ResultStore
 
 logger = logging.getLogger(__name__)
 
@@ -87,59 +77,6 @@ _NEXT_CLEANUP: dict[tuple[str, str], float] = {}
 _CLEANUP_LOCK = threading.Lock()
 #: Seconds to the next piggy-backed cleanup when the last one left expired rows behind.
 CLEANUP_CATCH_UP = 1.0
-
-
-@dataclass(frozen=True)
-class BackendOptions:
-    """Options of the result backend, from ``result_backend_transport_options``."""
-
-    #: Schema holding the result tables (the broker's default schema too).
-    schema: str = DEFAULT_SCHEMA
-    #: Apply missing migrations on first use (under an advisory lock).
-    auto_migrate: bool = True
-    #: Seconds between safety re-reads while waiting when no NOTIFY arrives.
-    polling_interval: float = 5.0
-    #: Rows deleted per statement by the result cleanup.
-    cleanup_batch: int = CLEANUP_BATCH
-    #: Seconds between the bounded cleanups a process piggy-backs on its result writes
-    #: (so expired rows go away even without celery beat); None or 0 turns them off.
-    cleanup_interval: float | None = 300.0
-    #: Extra keyword arguments for ``psycopg.connect`` (e.g. ``sslrootcert``).
-    connect_kwargs: Mapping[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any] | None) -> "BackendOptions":
-        raw = dict(raw or {})
-        known = {f.name for f in fields(cls)}
-        broker_only = {f.name for f in fields(Options)} - known
-        unknown = sorted(set(raw) - known - GENERIC_TRANSPORT_OPTIONS)
-        if unknown:
-            hint = ""
-            if set(unknown) & broker_only:
-                hint = " (broker options belong in broker_transport_options)"
-            raise ConfigurationError(
-                f"unknown kombu-pg result backend option(s) {', '.join(map(repr, unknown))}"
-                f"{hint}; result_backend_transport_options takes: {', '.join(sorted(known))}"
-            )
-        opts = cls(**{k: raw[k] for k in known if k in raw})
-        opts._check()
-        return opts
-
-    def _check(self) -> None:
-        validate_schema(self.schema)
-        pi = self.polling_interval
-        if not isinstance(pi, (int, float)) or isinstance(pi, bool) or pi <= 0:
-            raise ConfigurationError(f"option 'polling_interval' must be a number > 0, got {pi!r}")
-        if not isinstance(self.auto_migrate, bool):
-            raise ConfigurationError("option 'auto_migrate' must be True or False")
-        cb = self.cleanup_batch
-        if not isinstance(cb, int) or isinstance(cb, bool) or cb < 1:
-            raise ConfigurationError(f"option 'cleanup_batch' must be an integer >= 1, got {cb!r}")
-        ci = self.cleanup_interval
-        if ci is not None and (not isinstance(ci, (int, float)) or isinstance(ci, bool) or ci < 0):
-            raise ConfigurationError(f"option 'cleanup_interval' must be a number >= 0 or None, got {ci!r}")
-        if not isinstance(self.connect_kwargs, Mapping):
-            raise ConfigurationError("option 'connect_kwargs' must be a mapping")
 
 
 def _to_bytes(payload: str | bytes | None) -> bytes | None:

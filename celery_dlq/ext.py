@@ -19,7 +19,7 @@ from celery.utils.serialization import raise_with_context
 from kombu.serialization import dumps as kombu_dumps, loads as kombu_loads
 
 from kombu_pg.config import build_conninfo
-from kombu_pg.store import BrokerStore, apply_migrations, connect
+from kombu_pg.store import BrokerStore, connect, ensure_schema
 from kombu_pg.store.connect import ProcessConnection
 
 from . import config
@@ -42,7 +42,6 @@ class DeadLetterQueue:
         self._settings: config.Settings | None = None
         self._lock = threading.RLock()
         self._connection = ProcessConnection(self._connect)
-        self._migrated = False
         self._requests: OrderedDict[str, Any] = OrderedDict()
         # Deliveries already captured in this process: Celery can report one failure
         # twice (a hard time limit fires task_failure, then the killed child's
@@ -63,9 +62,12 @@ class DeadLetterQueue:
         extra = {"options": f"-c lock_timeout={timeout_ms}"} if timeout_ms else None
         conninfo = build_conninfo(s.database_url, extra=extra)
         conn = connect(conninfo)
-        if s.auto_migrate and not self._migrated:
-            apply_migrations(conn, s.schema)
-            self._migrated = True
+        if s.auto_migrate:
+            try:
+                ensure_schema(conn, conninfo, s.schema, auto_migrate=True)
+            except BaseException:
+                conn.close()
+                raise
         if s.atomic:
             # What "installed" means to the broker's own deletions (expiry, purge, queue
             # deletion): they move poison into this DLQ first while the row says so.

@@ -10,48 +10,37 @@ Options (all optional) come from ``result_backend_transport_options``; see
 ``docs/result-backend.md``.  This module is a thin adapter: SQL lives in
 :mod:`kombu_pg.store.results` and ``kombu_pg/sql/results.sql``.
 
-Waiting: ``AsyncResult.get()`` and ``GroupResult.get()`` LISTEN on ``<schema>:results``
-and wake when the NOTIFY that the storing transaction sends arrives; a slow re-check
-(``polling_interval``) is the only polling.
+Waiting (:mod:`kombu_pg.result_consumer`): ``AsyncResult.get()`` and ``GroupResult.get()``
+LISTEN on ``<schema>:results`` and wake when the NOTIFY that the storing transaction sends
+arrives; a slow re-check (``polling_interval``) is the only polling.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-from dataclasses import dataclass, field, fields
 from datetime import timezone
-from typing import Any, Callable, Iterable, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 from uuid import uuid4
 
 import psycopg
 from celery import states
 from celery.backends.base import BaseBackend, _create_chord_error_with_cause, decompress_payload
 from celery.canvas import maybe_signature
-from celery.exceptions import ChordError, ImproperlyConfigured, TimeoutError
-from celery.result import GroupResult, ResultSet, allow_join_result, result_from_tuple
+from celery.exceptions import ChordError, ImproperlyConfigured
+from celery.result import AsyncResult, GroupResult, ResultSet, allow_join_result, result_from_tuple
 from celery.utils.functional import _regen
 from kombu.serialization import loads
-from kombu.utils.compat import register_after_fork
 from kombu.utils.encoding import bytes_to_str
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.errors import ReadOnlySqlTransaction
 
-from .config import (
-    DEFAULT_SCHEMA,
-    GENERIC_TRANSPORT_OPTIONS,
-    ConfigurationError,
-    Options,
-    build_conninfo,
-    redact,
-    redact_url,
-    validate_schema,
-)
-from .store.connect import connect
-from .store.migrations import MigrationError, all_migrations, apply_migrations, current_version
-from .store.results import CLEANUP_BATCH, ResultListener, ResultStore
+from .config import BackendOptions, build_conninfo, redact, redact_url
+from .result_consumer import CONNECTION_ERRORS, ResultConsumer
+from .store.connect import ThreadConnection, connect
+from .store.migrations import all_migrations, ensure_schema
+from .store.results import ResultStore
 
 logger = logging.getLogger(__name__)
 
@@ -72,74 +61,11 @@ _COLUMN_KEYS = frozenset(
 )
 _EXTENDED_KEYS = ("name", "args", "kwargs", "worker", "retries", "queue")
 
-# Errors after which a session is given up for a new one.  A server that turned read-only
-# (a primary demoted to a standby, default_transaction_read_only turned on) refuses every
-# write of the session; a new connection reaches the new primary when the URL lists
-# several hosts with target_session_attrs=read-write.  The refused write did not commit.
-_CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, ReadOnlySqlTransaction)
-
-# Schemas known to be migrated, per (conninfo, schema), for this process.
-_READY_SCHEMAS: set[tuple[str, str]] = set()
-_READY_LOCK = threading.Lock()
-
 # When this process next piggy-backs a cleanup on a write, per (conninfo, schema).
 _NEXT_CLEANUP: dict[tuple[str, str], float] = {}
 _CLEANUP_LOCK = threading.Lock()
 #: Seconds to the next piggy-backed cleanup when the last one left expired rows behind.
 CLEANUP_CATCH_UP = 1.0
-
-
-@dataclass(frozen=True)
-class BackendOptions:
-    """Options of the result backend, from ``result_backend_transport_options``."""
-
-    #: Schema holding the result tables (the broker's default schema too).
-    schema: str = DEFAULT_SCHEMA
-    #: Apply missing migrations on first use (under an advisory lock).
-    auto_migrate: bool = True
-    #: Seconds between safety re-reads while waiting when no NOTIFY arrives.
-    polling_interval: float = 5.0
-    #: Rows deleted per statement by the result cleanup.
-    cleanup_batch: int = CLEANUP_BATCH
-    #: Seconds between the bounded cleanups a process piggy-backs on its result writes
-    #: (so expired rows go away even without celery beat); None or 0 turns them off.
-    cleanup_interval: float | None = 300.0
-    #: Extra keyword arguments for ``psycopg.connect`` (e.g. ``sslrootcert``).
-    connect_kwargs: Mapping[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any] | None) -> "BackendOptions":
-        raw = dict(raw or {})
-        known = {f.name for f in fields(cls)}
-        broker_only = {f.name for f in fields(Options)} - known
-        unknown = sorted(set(raw) - known - GENERIC_TRANSPORT_OPTIONS)
-        if unknown:
-            hint = ""
-            if set(unknown) & broker_only:
-                hint = " (broker options belong in broker_transport_options)"
-            raise ConfigurationError(
-                f"unknown kombu-pg result backend option(s) {', '.join(map(repr, unknown))}"
-                f"{hint}; result_backend_transport_options takes: {', '.join(sorted(known))}"
-            )
-        opts = cls(**{k: raw[k] for k in known if k in raw})
-        opts._check()
-        return opts
-
-    def _check(self) -> None:
-        validate_schema(self.schema)
-        pi = self.polling_interval
-        if not isinstance(pi, (int, float)) or isinstance(pi, bool) or pi <= 0:
-            raise ConfigurationError(f"option 'polling_interval' must be a number > 0, got {pi!r}")
-        if not isinstance(self.auto_migrate, bool):
-            raise ConfigurationError("option 'auto_migrate' must be True or False")
-        cb = self.cleanup_batch
-        if not isinstance(cb, int) or isinstance(cb, bool) or cb < 1:
-            raise ConfigurationError(f"option 'cleanup_batch' must be an integer >= 1, got {cb!r}")
-        ci = self.cleanup_interval
-        if ci is not None and (not isinstance(ci, (int, float)) or isinstance(ci, bool) or ci < 0):
-            raise ConfigurationError(f"option 'cleanup_interval' must be a number >= 0 or None, got {ci!r}")
-        if not isinstance(self.connect_kwargs, Mapping):
-            raise ConfigurationError("option 'connect_kwargs' must be a mapping")
 
 
 def _to_bytes(payload: str | bytes | None) -> bytes | None:
@@ -153,30 +79,6 @@ def _to_bytes(payload: str | bytes | None) -> bytes | None:
 def _expiry(value: float | None) -> float | None:
     """Seconds to keep a row, or None for never (Celery: 0 or None)."""
     return float(value) if value else None
-
-
-def _ancestor_ids(result: Any, limit: int = 10_000) -> list[str]:
-    """Task ids of ``result``'s parents (chain predecessors), earliest first.
-
-    A group parent contributes its members.  Their failure means ``result`` will never
-    run, so a waiter also wakes on their NOTIFYs.
-    """
-    levels: list[list[str]] = []
-    node = getattr(result, "parent", None)
-    count = 0
-    while node is not None and count < limit:
-        if isinstance(node, ResultSet):
-            level = [bytes_to_str(r.id) for r in node.results if not isinstance(r, ResultSet)]
-        else:
-            level = [bytes_to_str(node.id)] if getattr(node, "id", None) else []
-        levels.append(level)
-        count += len(level)
-        node = getattr(node, "parent", None)
-    return [tid for level in reversed(levels) for tid in level]
-
-
-def _after_fork(backend: "PostgresBackend") -> None:
-    backend._reset_connections()
 
 
 class PostgresBackend(BaseBackend):
@@ -213,32 +115,22 @@ class PostgresBackend(BaseBackend):
             self.expires if chord_expires is None
             else _expiry(self.prepare_expires(chord_expires, type=float))
         )
-        self._local = threading.local()
-        if register_after_fork is not None:
-            register_after_fork(self, _after_fork)
+        # Per thread: Celery shares a backend instance between threads unless
+        # result_backend_thread_safe is off, and a psycopg session serves one at a time.
+        self._data = ThreadConnection(self._open_data)
+        self._local = threading.local()  # this thread's ResultStore over its connection
+        self.result_consumer = ResultConsumer(self)
 
     def __reduce__(self, args=(), kwargs=None):
         return super().__reduce__(args, dict(kwargs or {}, url=self.url))
 
     # -- connections -----------------------------------------------------------------
 
-    def _reset_connections(self) -> None:
-        """Forget every connection without closing it: after fork they belong to the
-        parent (psycopg does not terminate a connection made by another process)."""
-        self._local = threading.local()
-
-    def _thread_state(self) -> threading.local:
-        local = self._local
-        if getattr(local, "pid", None) != os.getpid():
-            # A fork the after-fork hook did not see: drop, never close, the parent's.
-            local.__dict__.clear()
-            local.pid = os.getpid()
-        return local
-
-    def _connect(self, role: str = "results") -> psycopg.Connection:
+    def open_connection(self, role: str) -> psycopg.Connection:
+        """A new session of this backend; ``role`` names it in pg_stat_activity unless the
+        URL or ``connect_kwargs`` set ``application_name``."""
         kwargs = {}
         if not self._own_app_name:
-            # Tell the backend's sessions apart in pg_stat_activity.
             kwargs["application_name"] = f"kombu_pg:{role}"
         try:
             return connect(self.conninfo, **kwargs)
@@ -247,46 +139,21 @@ class PostgresBackend(BaseBackend):
                 f"kombu-pg result backend cannot connect to {redact(self.conninfo)}: {exc}"
             ) from exc
 
-    def _ensure_schema(self, conn: psycopg.Connection) -> None:
-        key = (self.conninfo, self.schema)
-        if key in _READY_SCHEMAS:
-            return
-        if self.options.auto_migrate:
-            apply_migrations(conn, self.schema)
-        else:
-            version = current_version(conn, self.schema)
-            if version < RESULTS_SCHEMA_VERSION:
-                raise MigrationError(
-                    f"schema {self.schema!r} is at version {version}; the result backend needs "
-                    f"version {RESULTS_SCHEMA_VERSION}. Apply the migrations: auto_migrate=True, "
-                    "or `celery -A proj pg migrate` (--print gives the SQL for a DBA)"
-                )
-        with _READY_LOCK:
-            _READY_SCHEMAS.add(key)
-
-    @staticmethod
-    def _discard(conn: psycopg.Connection | None) -> None:
-        if conn is None:
-            return
+    def _open_data(self) -> psycopg.Connection:
+        conn = self.open_connection("results")
         try:
+            ensure_schema(conn, self.conninfo, self.schema, auto_migrate=self.options.auto_migrate,
+                          minimum=RESULTS_SCHEMA_VERSION)
+        except BaseException:
             conn.close()
-        except Exception:  # pragma: no cover - already broken
-            pass
+            raise
+        return conn
 
     def _store(self) -> ResultStore:
-        local = self._thread_state()
-        store = getattr(local, "store", None)
-        if store is not None and (store.conn.closed or store.conn.broken):
-            self._discard(store.conn)
-            store = local.store = None
-        if store is None:
-            conn = self._connect()
-            try:
-                self._ensure_schema(conn)
-            except BaseException:
-                self._discard(conn)
-                raise
-            store = local.store = ResultStore(conn, self.schema)
+        conn = self._data.get()
+        store = getattr(self._local, "store", None)
+        if store is None or store.conn is not conn:
+            store = self._local.store = ResultStore(conn, self.schema)
         return store
 
     def _run(self, op: Callable[[ResultStore], T]) -> T:
@@ -297,7 +164,7 @@ class PostgresBackend(BaseBackend):
         store = self._store()
         try:
             value = op(store)
-        except _CONNECTION_ERRORS as exc:
+        except CONNECTION_ERRORS as exc:
             lost = store.conn.closed or store.conn.broken or isinstance(exc, ReadOnlySqlTransaction)
             if not lost:
                 raise
@@ -310,34 +177,16 @@ class PostgresBackend(BaseBackend):
         self._drop_sessions()
         return op(self._store())
 
-    def _listener(self) -> ResultListener:
-        local = self._thread_state()
-        listener = getattr(local, "listener", None)
-        if listener is not None and (listener.conn.closed or listener.conn.broken):
-            self._discard(listener.conn)
-            listener = local.listener = None
-        if listener is None:
-            listener = local.listener = ResultListener(self._connect("results-listen"), self.schema)
-        return listener
-
-    def _drop_listener(self) -> None:
-        listener = getattr(self._thread_state(), "listener", None)
-        if listener is not None:
-            self._discard(listener.conn)
-            self._local.listener = None
-
     def exception_safe_to_retry(self, exc: BaseException) -> bool:
-        return isinstance(exc, _CONNECTION_ERRORS)
+        return isinstance(exc, CONNECTION_ERRORS)
 
     def _drop_sessions(self) -> None:
-        """Give up this thread's data and listening connections.  Both go: a listening
+        """Close this thread's data and listening connections.  Both go: a listening
         session left on a server that turned read-only would never hear the new primary's
         NOTIFYs."""
-        self._drop_listener()
-        store = getattr(self._thread_state(), "store", None)
-        if store is not None:
-            self._discard(store.conn)
-            self._local.store = None
+        self.result_consumer.drop_listener()
+        self._data.reset()
+        self._local.store = None
 
     def on_backend_retryable_error(self, exc: BaseException) -> None:
         self._drop_sessions()
@@ -491,199 +340,21 @@ class PostgresBackend(BaseBackend):
         rows = self._run(lambda store: store.get_many(ids, sorted(ready_states)))
         return {row["task_id"]: self._row_to_meta(row) for row in rows}
 
-    def _start_listening(self) -> bool:
-        """LISTEN on this thread's listening connection; False if that failed."""
-        try:
-            self._listener().start()
-            return True
-        except _CONNECTION_ERRORS as exc:
-            logger.warning("kombu-pg result backend: cannot LISTEN (%s); retrying", exc)
-            self._drop_listener()
-            return False
+    def get_many(self, task_ids: Iterable[str], **kwargs: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+        """See :meth:`ResultConsumer.get_many`."""
+        return self.result_consumer.get_many(task_ids, **kwargs)
 
-    def _listen_and_wait(self, ids: set[str], timeout: float) -> set[str] | None:
-        """Sleep until a NOTIFY names one of ``ids`` or ``timeout`` passes; return the
-        ids heard (empty on timeout).
+    def wait_for(self, task_id: str, **kwargs: Any) -> dict[str, Any]:
+        """See :meth:`ResultConsumer.wait_for`."""
+        return self.result_consumer.wait_for(task_id, **kwargs)
 
-        Returns None when the listening connection was lost or is new: the caller must
-        LISTEN again on a new one *before* reading again, or a result stored in between
-        would only be seen at the next safety re-read.
-        """
-        try:
-            listener = self._listener()
-            if not listener.listening:
-                # A new listening session (the last one was dropped with the data session):
-                # a result stored before this LISTEN is only seen by reading again first.
-                listener.start()
-                return None
-            return listener.wait(ids, timeout)
-        except _CONNECTION_ERRORS as exc:
-            logger.warning("kombu-pg result backend: listening connection lost (%s); reconnecting", exc)
-            self._drop_listener()
-            return None
+    def wait_for_pending(self, result: AsyncResult, **kwargs: Any) -> Any:
+        """``AsyncResult.get()``: see :meth:`ResultConsumer.wait_for_pending`."""
+        return self.result_consumer.wait_for_pending(result, **kwargs)
 
-    def _stop_listening(self) -> None:
-        listener = getattr(self._thread_state(), "listener", None)
-        if listener is None:
-            return
-        try:
-            listener.stop()
-        except _CONNECTION_ERRORS:
-            self._drop_listener()
-
-    def _backoff(self, failures: int, deadline: float | None) -> None:
-        pause = min(0.05 * 2 ** min(failures, 6), self.options.polling_interval)
-        if deadline is not None:
-            pause = min(pause, max(0.0, deadline - time.monotonic()))
-        self._sleep(pause)
-
-    def get_many(self, task_ids, timeout=None, interval=0.5, no_ack=True,
-                 on_message=None, on_interval=None, max_iterations=None,
-                 READY_STATES=states.READY_STATES, _parents=(), _wake=()):
-        """Yield ``(task_id, meta)`` for each id as it becomes ready.
-
-        One query per pass for all ids still pending; between passes the thread sleeps
-        on LISTEN until a NOTIFY names one of them (``interval`` is not used: waking is
-        pushed; ``polling_interval`` bounds the wait as a safety net).  ``on_interval``
-        runs after every wake-up, before the re-read, so (as with Celery's own drainer)
-        a parent's error takes precedence over the error it caused.
-
-        ``_parents``: ancestor task ids (earliest first) of the awaited results.  Their
-        NOTIFYs wake the waiter too, and once one of them has failed, the ids still
-        pending are yielded with that failure: they will never run.  ``_wake``: more
-        ids whose NOTIFYs wake the waiter (for ``on_interval`` to look at).
-        """
-        ids = {bytes_to_str(t) for t in task_ids}
-        cache = self._cache
-        for task_id in list(ids):
-            cached = cache.get(task_id)
-            if cached is not None and cached["status"] in READY_STATES:
-                ids.discard(task_id)
-                yield task_id, cached
-        if not ids:
-            return
-        deadline = None if timeout is None else time.monotonic() + timeout
-        local = self._thread_state()
-        local.waiters = getattr(local, "waiters", 0) + 1
-        parents = [bytes_to_str(p) for p in _parents]
-        wake = set(parents) | {bytes_to_str(t) for t in _wake}
-        iterations = failures = 0
-        first = True
-        listening = False
-        # The ids a NOTIFY named since the last read; None: read every pending id (first
-        # pass, safety re-read, new LISTEN).  Reading only what was announced keeps a
-        # large group's join linear instead of re-reading every member on every wake.
-        heard: set[str] | None = None
-        try:
-            while True:
-                if not first and on_interval:
-                    on_interval()
-                if parents and not first and (heard is None or heard & wake):
-                    failed = self._failed_parent(parents)
-                    if failed is not None:
-                        for task_id in list(ids):
-                            ids.discard(task_id)
-                            yield task_id, dict(failed, task_id=task_id)
-                        return
-                to_read = ids if heard is None else ids & heard
-                try:
-                    ready = self._fetch_ready(to_read, READY_STATES) if to_read else {}
-                    failures = 0
-                except _CONNECTION_ERRORS as exc:
-                    # The store already reconnected once: this is a longer outage.  Fail
-                    # fast on the first read (bad configuration), else keep trying.
-                    if first:
-                        raise
-                    failures += 1
-                    logger.warning("kombu-pg result backend: cannot read results (%s); retrying", exc)
-                    ready = {}
-                    self._backoff(failures, deadline)
-                    heard = None
-                first = False
-                cache.update(ready)
-                for task_id, meta in ready.items():
-                    ids.discard(task_id)
-                    if on_message is not None:
-                        on_message(meta)
-                    yield task_id, meta
-                if not ids:
-                    return
-                iterations += 1
-                if max_iterations and iterations >= max_iterations:
-                    return
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"Operation timed out ({timeout})")
-                if not listening:
-                    # LISTEN first, then read again: a result stored in between is
-                    # either seen by that read or announced to this session.
-                    listening = self._start_listening()
-                    if not listening:
-                        failures += 1
-                        self._backoff(failures, deadline)
-                    heard = None
-                    continue
-                wait = self.options.polling_interval
-                if remaining is not None:
-                    wait = min(wait, remaining)
-                got = self._listen_and_wait(ids | wake, wait)
-                listening = got is not None
-                # Nothing heard (safety interval) or connection lost: read everything.
-                heard = got or None
-        finally:
-            local.waiters -= 1
-            if not local.waiters:  # the outermost wait of this thread ends
-                self._stop_listening()
-
-    def _failed_parent(self, parents: list[str]) -> dict[str, Any] | None:
-        """The meta of the earliest failed ancestor, if any (one query)."""
-        failed = self._fetch_ready(parents, states.PROPAGATE_STATES)
-        for task_id in parents:
-            if task_id in failed:
-                return failed[task_id]
-        return None
-
-    def wait_for(self, task_id, timeout=None, interval=0.5, no_ack=True, on_interval=None,
-                 _wake=()):
-        """Wait for one task's ready state, woken by NOTIFY (see :meth:`get_many`)."""
-        self._ensure_not_eager()
-        for _, meta in self.get_many({task_id}, timeout=timeout, interval=interval,
-                                     no_ack=no_ack, on_interval=on_interval, _wake=_wake):
-            return meta
-        raise TimeoutError("The operation timed out.")  # pragma: no cover
-
-    def wait_for_pending(self, result, timeout=None, interval=0.5, no_ack=True,
-                         on_message=None, on_interval=None, callback=None, propagate=True):
-        """``AsyncResult.get()``: like Celery's, but the NOTIFY of a failed parent wakes
-        the waiter too, so its error is raised at once (through ``on_interval``)."""
-        self._ensure_not_eager()
-        if on_message is not None:
-            raise ImproperlyConfigured("Backend does not support on_message callback")
-        meta = self.wait_for(result.id, timeout=timeout, interval=interval, on_interval=on_interval,
-                             no_ack=no_ack, _wake=_ancestor_ids(result) if propagate else ())
-        if meta:
-            result._maybe_set_cache(meta)
-            return result.maybe_throw(propagate=propagate, callback=callback)
-
-    def iter_native(self, result, timeout=None, interval=0.5, no_ack=True,
-                    on_message=None, on_interval=None):
-        """``GroupResult.get()`` (native join).  When the group follows a task that
-        failed (``a | fail | group(...)``), its members will never run: they are
-        reported with the parent's failure instead of waiting for the timeout."""
-        self._ensure_not_eager()
-        results = result.results
-        if not results:
-            return
-        task_ids = set()
-        for member in results:
-            if isinstance(member, ResultSet):
-                yield member.id, member.results
-            else:
-                task_ids.add(member.id)
-        yield from self.get_many(
-            task_ids, timeout=timeout, interval=interval, no_ack=no_ack,
-            on_message=on_message, on_interval=on_interval, _parents=_ancestor_ids(result),
-        )
+    def iter_native(self, result: ResultSet, **kwargs: Any) -> Iterator[tuple[str, Any]]:
+        """``GroupResult.get()``: see :meth:`ResultConsumer.iter_native`."""
+        return self.result_consumer.iter_native(result, **kwargs)
 
     # -- chords ------------------------------------------------------------------------------------
 
@@ -801,12 +472,7 @@ class PostgresBackend(BaseBackend):
 
     def close(self) -> None:
         """Close this thread's connections (only if this process opened them)."""
-        local = self._thread_state()
-        for name in ("store", "listener"):
-            obj = getattr(local, name, None)
-            if obj is not None:
-                self._discard(obj.conn)
-                setattr(local, name, None)
+        self._drop_sessions()
 
 
 __all__ = ["BackendOptions", "PostgresBackend"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 from urllib.parse import unquote
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -67,88 +67,148 @@ def validate_schema(name: Any) -> str:
     return name
 
 
-@dataclass(frozen=True)
-class Options:
-    """kombu-pg options, read from ``broker_transport_options`` (or the backend's)."""
+#: Rows deleted per statement by the result backend's cleanup (``cleanup_batch``).
+CLEANUP_BATCH = 5000
 
-    #: Schema holding every kombu-pg table.
-    schema: str = DEFAULT_SCHEMA
+
+@dataclass(frozen=True)
+class _Rule:
+    """What an option's value must be: ``accepts`` decides, ``requirement`` says it."""
+
+    requirement: str
+    accepts: Callable[[Any], bool]
+    #: False for values that may carry a secret: the error names their type only.
+    show_value: bool = True
+
+
+def _number(low: float, *, above: bool = False, integer: bool = False, optional: bool = False) -> _Rule:
+    """A finite number (an int when ``integer``) >= ``low`` (> ``low`` when ``above``),
+    or None when ``optional``.  Booleans and numeric strings are refused."""
+    kind = "an integer" if integer else "a number"
+    requirement = f"{kind} {'>' if above else '>='} {low:g}" + (" or None" if optional else "")
+
+    def accepts(value: Any) -> bool:
+        if value is None:
+            return optional
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            return False
+        return math.isfinite(value) and (value > low if above else value >= low)
+
+    return _Rule(requirement, accepts)
+
+
+_SCHEMA = _Rule("1-48 letters, digits and underscores, not starting with a digit",
+                lambda v: isinstance(v, str) and bool(_SCHEMA_RE.match(v)))
+_BOOL = _Rule("True or False", lambda v: isinstance(v, bool))
+_MAPPING = _Rule("a mapping of libpq parameters", lambda v: isinstance(v, Mapping), show_value=False)
+
+
+def _option(default: Any, rule: _Rule, **kwargs: Any) -> Any:
+    """A dataclass field whose value ``from_mapping`` checks against ``rule``."""
+    if callable(default):
+        return field(default_factory=default, metadata={"rule": rule}, **kwargs)
+    return field(default=default, metadata={"rule": rule}, **kwargs)
+
+
+class _Checked:
+    """``from_mapping`` for the option dataclasses: one error type (ConfigurationError)
+    and one message style for unknown options and bad values alike."""
+
+    #: The Celery setting the options come from, and whose options they are: for errors.
+    SETTING = ""
+    KIND = ""
+
+    @classmethod
+    def from_mapping(cls: type[C], raw: Mapping[str, Any] | None) -> C:
+        """The options in ``raw`` (the rest default); ConfigurationError on an unknown
+        option (Kombu's and Celery's generic keys aside) or a value its rule refuses."""
+        raw = dict(raw or {})
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = set(raw) - known - GENERIC_TRANSPORT_OPTIONS
+        if unknown:
+            raise ConfigurationError(
+                f"unknown kombu-pg option(s) {', '.join(map(repr, sorted(unknown)))} in {cls.SETTING}"
+                f"{cls._misplaced(unknown, known)}; known options: {', '.join(sorted(known))}"
+            )
+        for f in fields(cls):  # type: ignore[arg-type]
+            if f.name in raw and not f.metadata["rule"].accepts(raw[f.name]):
+                rule, value = f.metadata["rule"], raw[f.name]
+                got = repr(value) if rule.show_value else f"a {type(value).__name__}"
+                raise ConfigurationError(f"option {f.name!r} must be {rule.requirement}, got {got}")
+        return cls(**{k: raw[k] for k in known if k in raw})
+
+    @classmethod
+    def _misplaced(cls, unknown: set[str], known: set[str]) -> str:
+        """A hint when unknown options are another component's."""
+        for other in (Options, BackendOptions):
+            if other is not cls and unknown & ({f.name for f in fields(other)} - known):  # type: ignore[arg-type]
+                return f" ({other.KIND} options belong in {other.SETTING})"
+        return ""
+
+
+C = TypeVar("C", bound=_Checked)
+
+
+@dataclass(frozen=True)
+class _Common(_Checked):
+    """The options the broker and the result backend both take."""
+
+    #: Schema holding every kombu-pg table (the result tables too).
+    schema: str = _option(DEFAULT_SCHEMA, _SCHEMA)
     #: Apply missing migrations on first use (under an advisory lock).
-    auto_migrate: bool = True
+    auto_migrate: bool = _option(True, _BOOL)
+    #: Extra libpq connection parameters (e.g. ``sslrootcert``, ``keepalives_idle``),
+    #: merged into the connection string; they override the URL.
+    connect_kwargs: Mapping[str, Any] = _option(dict, _MAPPING, repr=False)  # may hold a password
+
+
+@dataclass(frozen=True)
+class Options(_Common):
+    """The broker's (transport's) options, read from ``broker_transport_options``."""
+
+    SETTING = "broker_transport_options"
+    KIND = "broker"
+
     #: Seconds between safety polls when no NOTIFY arrives.
-    polling_interval: float = 2.0
+    polling_interval: float = _option(2.0, _number(0, above=True))
     #: Most messages claimed per round trip.  With a prefetch limit, a consumer claims
     #: again once min(claim_batch_max, prefetch/2) slots are free, so claims stay batched.
-    claim_batch_max: int = 100
+    claim_batch_max: int = _option(100, _number(1, integer=True))
     #: Seconds between recovery passes (dead consumers' messages unlocked, expiry).
-    recovery_interval: float = 2.0
+    recovery_interval: float = _option(2.0, _number(0, above=True))
     #: Reclaim messages locked longer than this many seconds even if the owner lives.
-    visibility_timeout: float | None = None
+    visibility_timeout: float | None = _option(None, _number(0, above=True, optional=True))
     #: A message delivered this many times is not delivered again (poison); it stays,
     #: unlocked, for the dead-letter reaper.  None turns the limit off.
-    max_deliveries: int | None = 10
+    max_deliveries: int | None = _option(10, _number(1, integer=True, optional=True))
     #: Celery ETA/countdown messages stay invisible in the database until due, instead
     #: of waiting in a worker's memory (and prefetch window).
-    native_delayed_delivery: bool = False
+    native_delayed_delivery: bool = _option(False, _BOOL)
     #: reject(requeue=False) moves the message into the dead-letter table (celery_dlq)
     #: instead of deleting it.  celery_dlq.install() turns this on for kombu-pg brokers.
-    dead_letter_rejected: bool = False
+    dead_letter_rejected: bool = _option(False, _BOOL)
     #: Claims and acks wait for the WAL flush like publishes do.  Off by default: a
     #: claim or ack undone by a server crash only means a redelivery (as with
     #: RabbitMQ, whose acks are not confirmed either); publishes are always durable.
-    durable_acks: bool = False
+    durable_acks: bool = _option(False, _BOOL)
     #: Seconds a producer waits before sending another NOTIFY for the same queue.
-    notify_debounce: float = 0.02
-    #: Extra libpq connection parameters (e.g. ``sslrootcert``, ``keepalives_idle``),
-    #: merged into the connection string; they override the URL.
-    connect_kwargs: Mapping[str, Any] = field(default_factory=dict, repr=False)  # may hold a password
-
-    @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any] | None, *, allow: frozenset[str] = frozenset()) -> "Options":
-        raw = dict(raw or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known - GENERIC_TRANSPORT_OPTIONS - allow)
-        if unknown:
-            raise ConfigurationError(
-                f"unknown kombu-pg option(s) {', '.join(map(repr, unknown))}; "
-                f"known options: {', '.join(sorted(known))}"
-            )
-        values = {k: raw[k] for k in known if k in raw}
-        opts = cls(**values)
-        opts._check()
-        return opts
-
-    def _check(self) -> None:
-        validate_schema(self.schema)
-        for name in ("polling_interval", "recovery_interval", "notify_debounce"):
-            value = getattr(self, name)
-            if not _is_number(value) or value < 0:
-                raise ConfigurationError(f"option {name!r} must be a number >= 0, got {value!r}")
-        if self.polling_interval <= 0 or self.recovery_interval <= 0:
-            raise ConfigurationError("polling_interval and recovery_interval must be > 0")
-        if not _is_int(self.claim_batch_max) or self.claim_batch_max < 1:
-            raise ConfigurationError(
-                f"option 'claim_batch_max' must be an integer >= 1, got {self.claim_batch_max!r}"
-            )
-        vt = self.visibility_timeout
-        if vt is not None and (not _is_number(vt) or vt <= 0):
-            raise ConfigurationError(f"option 'visibility_timeout' must be > 0 or None, got {vt!r}")
-        md = self.max_deliveries
-        if md is not None and (not _is_int(md) or md < 1):
-            raise ConfigurationError(f"option 'max_deliveries' must be an integer >= 1 or None, got {md!r}")
-        for name in ("auto_migrate", "native_delayed_delivery", "dead_letter_rejected", "durable_acks"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigurationError(f"option {name!r} must be True or False")
-        if not isinstance(self.connect_kwargs, Mapping):
-            raise ConfigurationError("option 'connect_kwargs' must be a mapping")
+    notify_debounce: float = _option(0.02, _number(0))
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+@dataclass(frozen=True)
+class BackendOptions(_Common):
+    """The result backend's options, read from ``result_backend_transport_options``."""
 
+    SETTING = "result_backend_transport_options"
+    KIND = "result backend"
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    #: Seconds between safety re-reads while waiting when no NOTIFY arrives.
+    polling_interval: float = _option(5.0, _number(0, above=True))
+    #: Rows deleted per statement by the result cleanup.
+    cleanup_batch: int = _option(CLEANUP_BATCH, _number(1, integer=True))
+    #: Seconds between the bounded cleanups a process piggy-backs on its result writes
+    #: (so expired rows go away even without celery beat); None or 0 turns them off.
+    cleanup_interval: float | None = _option(300.0, _number(0, optional=True))
 
 
 def build_conninfo(

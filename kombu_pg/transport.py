@@ -34,7 +34,7 @@ from psycopg.errors import ReadOnlySqlTransaction
 from . import metrics
 from .config import Options, build_conninfo, redact, redact_url
 from .publish_batch import Batch, PublishBatch
-from .store import JOB_KEY_MODES, BrokerStore, Claimed, JobPublish, apply_migrations, check_version, connect
+from .store import JOB_KEY_MODES, BrokerStore, Claimed, JobPublish, connect, ensure_schema
 from .store.broker import JOB_KEY_HEADER, JOB_KEY_MODE_HEADER, SERIAL_KEY_HEADER, OutgoingMessage
 from .store.routing import check_queue_name, topic_pattern
 from .store.wakeups import Listener, NotifyDebouncer, RouteKey
@@ -47,11 +47,6 @@ ACK_BATCH = 64
 ACK_WINDOW = 0.01
 
 EXCHANGE_TYPES = ("direct", "topic", "fanout")
-
-# Migrations run once per (server, schema) per process; later connections skip the check.
-_migrated: set[tuple[str, str]] = set()
-_migrate_lock = threading.Lock()
-
 
 class InvalidMessage(ValueError):
     """A row whose payload is not a Kombu message."""
@@ -566,15 +561,7 @@ class Transport(virtual.Transport):
                 f"kombu-pg cannot connect to {redact(self.conninfo)}: {exc}") from exc
 
     def _migrate(self, conn: psycopg.Connection) -> None:
-        key = (self.conninfo, self.options.schema)
-        if key in _migrated:
-            return
-        with _migrate_lock:
-            if self.options.auto_migrate:
-                apply_migrations(conn, self.options.schema)
-            else:
-                check_version(conn, self.options.schema)
-            _migrated.add(key)
+        ensure_schema(conn, self.conninfo, self.options.schema, auto_migrate=self.options.auto_migrate)
 
     def consumer_id(self) -> int:
         """This transport's consumer registration, made on its first claim."""

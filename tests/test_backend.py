@@ -20,8 +20,8 @@ from celery.result import GroupResult
 from kombu.utils.uuid import uuid
 from psycopg import sql
 
-from kombu_pg.backend import BackendOptions, PostgresBackend
-from kombu_pg.config import ConfigurationError
+from kombu_pg.backend import PostgresBackend
+from kombu_pg.config import BackendOptions, ConfigurationError
 from kombu_pg.store.migrations import MigrationError
 from kombu_pg.store.results import ResultStore
 

@@ -6,6 +6,7 @@ is left half-written.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import time
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 from kombu import Connection, Exchange, Producer, Queue
 from psycopg import sql
 
-from kombu_pg.config import ConfigurationError, Options, build_conninfo, validate_schema
+from kombu_pg.config import BackendOptions, ConfigurationError, Options, build_conninfo, validate_schema
 from kombu_pg.store import migration_sql
 
 from .chaos_util import TaskLog, create_log_tables, messages, wait_until
@@ -279,22 +280,79 @@ option_values = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), fini
                           st.dictionaries(st.text(max_size=5), st.integers(), max_size=2), st.lists(st.integers(), max_size=2))
 
 
+OPTION_NAMES = sorted({f.name for cls in (Options, BackendOptions) for f in dataclasses.fields(cls)})
+
+
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(st.dictionaries(
-    st.one_of(st.sampled_from(["schema", "auto_migrate", "polling_interval", "claim_batch_max", "recovery_interval",
-                               "visibility_timeout", "max_deliveries", "notify_debounce", "connect_kwargs",
-                               "durable_acks", "dead_letter_rejected", "native_delayed_delivery",
-                               "max_retries", "interval_start"]), st.text(max_size=8)),
-    option_values, max_size=4))
-def test_options_are_accepted_or_refused_with_configuration_error(raw):
+@given(st.sampled_from([Options, BackendOptions]),
+       st.dictionaries(st.one_of(st.sampled_from(OPTION_NAMES + ["max_retries", "interval_start"]),
+                                 st.text(max_size=8)),
+                       option_values, max_size=4))
+def test_options_are_accepted_or_refused_with_configuration_error(cls, raw):
     try:
-        options = Options.from_mapping(raw)
+        options = cls.from_mapping(raw)
     except ConfigurationError as exc:
         assert str(exc)
         return
-    assert options.recovery_interval > 0 and options.polling_interval > 0
-    assert all(isinstance(v, bool) for v in (options.durable_acks, options.dead_letter_rejected,
-                                              options.native_delayed_delivery, options.auto_migrate))
+    assert options.polling_interval > 0
+    for f in dataclasses.fields(cls):  # annotations are strings ("float | None")
+        value = getattr(options, f.name)
+        if f.type == "bool":
+            assert isinstance(value, bool), f.name
+        elif f.type.split(" | ")[0] in ("int", "float"):
+            assert value is None and f.type.endswith("| None") or (
+                not isinstance(value, bool) and math.isfinite(value) and value >= 0), f.name
+    if cls is Options:
+        assert options.recovery_interval > 0
+
+
+# The broker's and the result backend's options are checked by one rule set: same error
+# type, same message for the same mistake.
+BOTH_OPTIONS = pytest.mark.parametrize("cls", [Options, BackendOptions])
+
+
+@BOTH_OPTIONS
+def test_unknown_options_are_refused_with_the_list_of_known_ones(cls):
+    with pytest.raises(ConfigurationError) as info:
+        cls.from_mapping({"polling_intervall": 1})
+    known = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
+    assert str(info.value) == (f"unknown kombu-pg option(s) 'polling_intervall' in {cls.SETTING}; "
+                               f"known options: {known}")
+
+
+@BOTH_OPTIONS
+@pytest.mark.parametrize("value", ["2", True, None, math.nan, math.inf, -1, 0])
+def test_a_bad_value_is_refused_with_the_option_name_and_the_value(cls, value):
+    with pytest.raises(ConfigurationError) as info:
+        cls.from_mapping({"polling_interval": value})
+    assert str(info.value) == f"option 'polling_interval' must be a number > 0, got {value!r}"
+
+
+@BOTH_OPTIONS
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_non_finite_number_is_refused_for_every_numeric_option(cls, value):
+    numeric = [f.name for f in dataclasses.fields(cls) if "number" in f.metadata["rule"].requirement
+               or "integer" in f.metadata["rule"].requirement]
+    assert "polling_interval" in numeric
+    for name in numeric:
+        with pytest.raises(ConfigurationError, match=name):
+            cls.from_mapping({name: value})
+
+
+@BOTH_OPTIONS
+def test_options_of_the_other_component_are_named_as_such(cls):
+    other = BackendOptions if cls is Options else Options
+    own = {f.name for f in dataclasses.fields(cls)}
+    foreign = next(f.name for f in dataclasses.fields(other) if f.name not in own)
+    with pytest.raises(ConfigurationError, match=rf"\({other.KIND} options belong in {other.SETTING}\)"):
+        cls.from_mapping({foreign: 1})
+
+
+@BOTH_OPTIONS
+def test_a_bad_connect_kwargs_is_refused_without_echoing_it(cls):
+    with pytest.raises(ConfigurationError) as info:
+        cls.from_mapping({"connect_kwargs": "password=s3cret"})
+    assert "s3cret" not in str(info.value) and "got a str" in str(info.value)
 
 
 @pytest.mark.chaos  # pg_terminate_backend

@@ -10,7 +10,9 @@ import pytest
 from psycopg import sql
 
 from kombu_pg.config import ConfigurationError
-from kombu_pg.store import BrokerStore, apply_migrations, connect, current_version, migration_sql
+from kombu_pg.store import (
+    BrokerStore, MigrationError, apply_migrations, connect, current_version, ensure_schema, migration_sql,
+)
 from kombu_pg.store.broker import OutgoingMessage
 from kombu_pg.store.migrations import all_migrations
 from tests.worker import wait_until
@@ -48,6 +50,41 @@ def test_printed_sql_builds_the_same_schema(pg_conn, schema):
     pg_conn.execute(migration_sql(schema))
     assert current_version(pg_conn, schema) == all_migrations()[-1].version
     assert apply_migrations(pg_conn, schema) == []
+
+
+def test_ensure_schema_checks_once_per_conninfo_and_schema_per_process(pg_url, schema):
+    conn = connect(pg_url)
+    ensure_schema(conn, pg_url, schema, auto_migrate=True)
+    assert current_version(conn, schema) == all_migrations()[-1].version
+    conn.close()
+    # Known to be current now: whoever asks next (transport, backend, DLQ) sends nothing,
+    # so a closed connection does not matter; with or without auto_migrate.
+    ensure_schema(conn, pg_url, schema, auto_migrate=True)
+    ensure_schema(conn, pg_url, schema, auto_migrate=False)
+    ensure_schema(conn, pg_url, schema, auto_migrate=False, minimum=1)
+    # Another schema, or the same one on another server, is checked on its own.
+    with pytest.raises(psycopg.OperationalError):
+        ensure_schema(conn, pg_url, schema + "_other", auto_migrate=False)
+    with pytest.raises(psycopg.OperationalError):
+        ensure_schema(conn, pg_url + "?application_name=other", schema, auto_migrate=False)
+
+
+def test_ensure_schema_without_auto_migrate_changes_nothing(pg_conn, pg_url, schema):
+    with pytest.raises(MigrationError, match="pg migrate"):
+        ensure_schema(pg_conn, pg_url, schema, auto_migrate=False)
+    with pytest.raises(MigrationError, match="at version 0; version 2 is needed"):
+        ensure_schema(pg_conn, pg_url, schema, auto_migrate=False, minimum=2)
+    assert current_version(pg_conn, schema) == 0  # nothing was created
+    # A schema at least at ``minimum`` passes that check, and is remembered only as that
+    # version: the exact check still refuses it.
+    first = all_migrations()[0]
+    pg_conn.execute(migration_sql(schema).split(f"-- {all_migrations()[1].version:04d}_")[0])
+    assert current_version(pg_conn, schema) == first.version
+    ensure_schema(pg_conn, pg_url, schema, auto_migrate=False, minimum=first.version)
+    with pytest.raises(MigrationError, match="pg migrate"):
+        ensure_schema(pg_conn, pg_url, schema, auto_migrate=False)
+    ensure_schema(pg_conn, pg_url, schema, auto_migrate=True)
+    assert current_version(pg_conn, schema) == all_migrations()[-1].version
 
 
 @pytest.mark.parametrize("bad", ["", "1abc", 'x"; DROP TABLE y; --', "a" * 49, "sp ace", None, "é"])

@@ -11,6 +11,7 @@ from .migrations import (
     apply_migrations,
     check_version,
     current_version,
+    ensure_schema,
     migration_sql,
     pending_migrations,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "check_version",
     "connect",
     "current_version",
+    "ensure_schema",
     "migration_sql",
     "pending_migrations",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from typing import Callable
 
 import psycopg
@@ -82,6 +83,12 @@ class ProcessConnection:
             self._conn = self._open()
         return self._conn
 
+    def current(self) -> psycopg.Connection | None:
+        """This process's connection as it is (None if none was opened), without opening
+        or reopening one."""
+        self.release_inherited()
+        return self._conn
+
     def reset(self) -> None:
         """Close this process's connection (the next :meth:`get` opens a new one)."""
         conn, self._conn = self._conn, None
@@ -90,3 +97,31 @@ class ProcessConnection:
                 conn.close()
             except Exception:
                 pass  # closing a broken connection can fail; it is dropped all the same
+
+
+class ThreadConnection:
+    """A :class:`ProcessConnection` per thread: one lazily opened connection per thread
+    and process, for components whose threads each run their own statements."""
+
+    def __init__(self, opener: Callable[[], psycopg.Connection]) -> None:
+        self._open = opener
+        self._local = threading.local()
+
+    def _holder(self) -> ProcessConnection:
+        holder = getattr(self._local, "holder", None)
+        if holder is None:
+            holder = self._local.holder = ProcessConnection(self._open)
+        return holder
+
+    def get(self) -> psycopg.Connection:
+        """This thread's connection, opened (again) if there is none, it is closed or
+        broken, or it is a parent process's."""
+        return self._holder().get()
+
+    def current(self) -> psycopg.Connection | None:
+        """This thread's connection as it is, without opening one (None if none)."""
+        return self._holder().current()
+
+    def reset(self) -> None:
+        """Close this thread's connection (if this process opened it)."""
+        self._holder().reset()

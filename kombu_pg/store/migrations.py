@@ -13,6 +13,7 @@ keeps it identical to what the migrations build.
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -145,3 +146,56 @@ def apply_migrations(conn: psycopg.Connection, schema: str) -> list[int]:
             )
             applied.append(m.version)
     return applied
+
+
+# The schema version each (conninfo, schema) was last found at or brought to by
+# :func:`ensure_schema` in this process.  A forked child inherits it: what the parent saw
+# of the database holds for the child too.
+_verified: dict[tuple[str, str], int] = {}
+_verified_lock = threading.Lock()
+
+
+def ensure_schema(
+    conn: psycopg.Connection, conninfo: str, schema: str, *, auto_migrate: bool, minimum: int | None = None
+) -> None:
+    """Make sure ``schema`` suits this kombu-pg, once per (``conninfo``, ``schema``) per
+    process; ``conn`` is a connection to that server, used only when a check is due.
+
+    With ``auto_migrate`` the missing migrations are applied (:func:`apply_migrations`).
+    Without it nothing is changed: the schema must be at exactly this kombu-pg's version
+    (:func:`check_version`), or, when ``minimum`` is given, at ``minimum`` or later (the
+    result backend works with any schema that has the migrations its SQL needs).
+    Raises MigrationError otherwise.
+    """
+    key = (conninfo, schema)
+    latest = all_migrations()[-1].version
+
+    def satisfied() -> bool:
+        known = _verified.get(key)
+        if known is None:
+            return False
+        if auto_migrate or minimum is None:
+            return known == latest
+        return known >= minimum
+
+    if satisfied():
+        return
+    # One thread checks or migrates; the others wait for it instead of taking the
+    # advisory lock in turn.
+    with _verified_lock:
+        if satisfied():
+            return
+        if auto_migrate:
+            apply_migrations(conn, schema)
+            version = latest
+        elif minimum is None:
+            check_version(conn, schema)
+            version = latest
+        else:
+            version = current_version(conn, schema)
+            if version < minimum:
+                raise MigrationError(
+                    f"schema {schema!r} is at version {version}; version {minimum} is needed and "
+                    "auto_migrate is off: run `celery -A proj pg migrate` (or `kombu-pg migrate --print` for a DBA)"
+                )
+        _verified[key] = version

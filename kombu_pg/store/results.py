@@ -15,6 +15,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from ..config import CLEANUP_BATCH
 from .connect import read_only
 from .queries import Queries
 
@@ -22,9 +23,6 @@ logger = logging.getLogger(__name__)
 
 #: Stored in chord_parts.group_index when the part's position is unknown (sorts last).
 UNKNOWN_GROUP_INDEX = 2_147_483_647
-
-#: Rows deleted per statement by :meth:`ResultStore.cleanup`.
-CLEANUP_BATCH = 5000
 
 
 def results_channel(schema: str) -> str:

@@ -21,10 +21,12 @@ from __future__ import annotations
 import os
 import random
 import signal
+import tempfile
 import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -44,6 +46,7 @@ from .worker import CeleryWorker
 SECONDS = float(os.environ.get("KOMBU_PG_SOAK_SECONDS") or 0)
 RECOVERY_INTERVAL = 1.0
 MAX_DELAY = 3.0  # the longest countdown/eta published
+BACKLOG = 300  # producers wait while more messages than this are queued: the drain stays short
 MAX_DELIVERIES = 10  # kombu-pg's default, explicit: the soak reaps poison messages itself
 # After the faults stop and every worker is ready: recovery passes run every
 # RECOVERY_INTERVAL on each consuming connection, so no message may stay locked by a dead
@@ -59,6 +62,9 @@ KINDS = {  # kind: weight
     "plain": 6, "priority": 4, "countdown": 3, "eta": 2, "serial": 5, "job": 5, "direct": 2,
     "topic": 2, "fanout": 2, "send_many": 2, "kombu_batch": 2, "fail": 1,
 }
+# KOMBU_PG_SOAK_WITHOUT=job,fail leaves kinds out: to look past a known bug one kind triggers.
+for _kind in filter(None, os.environ.get("KOMBU_PG_SOAK_WITHOUT", "").split(",")):
+    del KINDS[_kind]
 
 
 class Fleet:
@@ -68,6 +74,7 @@ class Fleet:
     def __init__(self, env: dict, broker_url: str, faults: list[soak.Fault]) -> None:
         self.env, self.broker_url, self.faults = env, broker_url, faults
         self.workers: dict[str, CeleryWorker] = {}
+        self.every: list[tuple[str, CeleryWorker]] = []  # (hostname, worker) of every incarnation
         self.incarnation: dict[str, int] = {}
         self.crash_output: list[str] = []
         self.specs = {w[0]: w for w in WORKERS}
@@ -86,6 +93,7 @@ class Fleet:
         env = {**self.env, "KOMBU_PG_URL": with_app_name(self.broker_url, self.app_name(group))}
         self.workers[group] = CeleryWorker("soak_app", env, pool=pool, concurrency=concurrency,
                                            hostname=self.hostname(group), args=["-Q", ",".join(queues)])
+        self.every.append((self.hostname(group), self.workers[group]))
 
     def kill(self, group: str) -> None:
         worker = self.workers[group]
@@ -109,6 +117,11 @@ class Fleet:
         for worker in self.workers.values():
             worker.kill(signal.SIGKILL)
             worker.stop(10)
+
+    def save_logs(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        for hostname, worker in self.every:
+            (directory / f"{hostname}.log").write_text("".join(worker.lines))
 
 
 class Broker:
@@ -154,10 +167,11 @@ def messages(db: Broker, where: str = "true", params: tuple = ()) -> list[dict]:
 class Producer(threading.Thread):
     """Publishes a random mix until stopped, recording each task id and what its publish said."""
 
-    def __init__(self, index: int, broker_url: str, schema: str, seed: int, stop: threading.Event) -> None:
+    def __init__(self, index: int, broker_url: str, schema: str, seed: int, stop: threading.Event,
+                 room: threading.Event) -> None:
         super().__init__(daemon=True, name=f"soak_p{index}")
         self.rng = random.Random(seed)
-        self.stop = stop
+        self.stop, self.room = stop, room
         self.app = Celery(f"soak_p{index}", broker=with_app_name(broker_url, f"soak_p{index}"),
                           set_as_current=False)
         # Half the producers keep ETAs in the database, half hand them to worker memory.
@@ -174,6 +188,7 @@ class Producer(threading.Thread):
         kinds, weights = zip(*KINDS.items())
         n = 0
         while not self.stop.is_set():
+            self.room.wait(1)  # backpressure (set by the sampler); a server restart blocks it
             kind = self.rng.choices(kinds, weights)[0]
             n += 1
             try:
@@ -207,7 +222,8 @@ class Producer(threading.Thread):
             options["headers"] = {"serial_key": extra["serial_key"]}
         elif kind in ("direct", "topic", "fanout"):
             options["exchange"] = f"soak.{kind}"
-            options["routing_key"] = {"direct": "direct", "topic": f"soak.{rng.randint(0, 3)}", "fanout": ""}[kind]
+            # Not empty for the fanout: Celery sends an empty key to the default queue instead.
+            options["routing_key"] = {"direct": "direct", "topic": f"soak.{rng.randint(0, 3)}", "fanout": "any"}[kind]
             if kind == "fanout":
                 extra["groups"] = tuple(sorted(soak.FANOUT_GROUPS.values()))
         elif kind == "fail":
@@ -246,7 +262,7 @@ class Producer(threading.Thread):
 
     def publish_bulk(self, kind: str, arg: str) -> None:
         rng, app = self.rng, self.app
-        size = rng.randint(2, 20)
+        size = rng.randint(2, 10)
         ids = [self.new_id() for _ in range(size)]
         serial = [f"s{rng.randint(0, 5)}" if rng.random() < 0.2 else None for _ in ids]
         started = time.time()
@@ -316,11 +332,13 @@ def run_faults(rng: random.Random, until: float, fleet: Fleet, db: Broker, serve
 
 
 class Sampler(threading.Thread):
-    """Samples the job-key and reaper invariants in SQL while the soak runs."""
+    """Samples the job-key and reaper invariants in SQL while the soak runs, and opens
+    ``room`` for the producers while the backlog is under BACKLOG."""
 
     def __init__(self, db: Broker, stop: threading.Event) -> None:
         super().__init__(daemon=True)
         self.db, self.stop = db, stop
+        self.room = threading.Event()
         self.job: list[tuple[float, str, int]] = []
         self.reaped: list[tuple[float, int, int]] = []
         self.samples = self.failed = 0
@@ -331,6 +349,10 @@ class Sampler(threading.Thread):
                 at = time.time()
                 self.job += [(at, k, n) for k, n in self.db.query(JOB_DUPLICATES)]
                 self.reaped += [(at, d, m) for d, m in self.db.query(REAPED_AND_QUEUED)]
+                if self.db.query("SELECT count(*) FROM {s}.messages")[0][0] < BACKLOG:
+                    self.room.set()
+                else:
+                    self.room.clear()
                 self.samples += 1
             except psycopg.Error:
                 self.failed += 1  # the server is restarting: nothing to sample
@@ -357,11 +379,11 @@ def test_chaos_soak(server, broker, log, pg_url, schema):  # noqa: F811  (fixtur
            "PREFETCH_MULTIPLIER": "2"}
     db = Broker(broker_url, broker_schema)
     stop = threading.Event()
-    producers = [Producer(i, broker_url, broker_schema, rng.randrange(2**32), stop) for i in range(2)]
+    sampler = Sampler(db, stop)
+    producers = [Producer(i, broker_url, broker_schema, rng.randrange(2**32), stop, sampler.room) for i in range(2)]
     dlq_app = Celery("soak_dlq", broker=with_app_name(broker_url, "soak_dlq"), set_as_current=False)
     dlq_app.conf.broker_transport_options = {"schema": broker_schema, "max_deliveries": MAX_DELIVERIES}
     dlq = celery_dlq.DLQ(dlq_app)
-    sampler = Sampler(db, stop)
     fleet = Fleet(env, broker_url, faults)
     try:
         fleet.wait_ready()
@@ -385,18 +407,26 @@ def test_chaos_soak(server, broker, log, pg_url, schema):  # noqa: F811  (fixtur
         except AssertionError:
             stale = messages(db, DEAD_LOCK)
 
+        timeline: list[str] = []  # what was left, every few seconds of the drain
+
         def drained() -> bool:
             fleet.replace_crashed()
             if messages(db, "lock_token IS NULL AND delivery_count >= %s", (MAX_DELIVERIES,)):
                 dlq.reap()  # poison from repeated kills: the reaper's job, done here at once
-            ended = {row.task_id for row in log.rows(phase="end")}
-            return not messages(db) and required <= ended
+            left = messages(db)
+            missing = required - {row.task_id for row in log.rows(phase="end")}
+            at = time.time() - ready
+            if len(timeline) < at / 5:
+                timeline.append(f"+{at:.0f}s: {len(left)} queued ({sum(m['locked_by'] is not None for m in left)}"
+                                f" locked), {len(missing)} not run")
+            return not left and not missing
 
         try:
             wait_until(drained, timeout=DRAIN_BOUND - (time.time() - ready), what="the drain", step=0.5)
             leftover = []
         except AssertionError:
-            leftover = messages(db)
+            leftover = messages(db) or [{"id": None, "task_id": None, "queue": None, "delivery_count": None,
+                                         "locked_by": None}]  # drained, but too late
         drain_seconds = time.time() - ready
     finally:
         stop.set()
@@ -412,13 +442,16 @@ def test_chaos_soak(server, broker, log, pg_url, schema):  # noqa: F811  (fixtur
                         dlq_rows=dlq_rows, leftover=leftover, stale_locks=stale, requeued=requeued)
     report.lines.append(f"recovery: drained {drain_seconds:.1f} s after the faults stopped and every "
                         f"worker was ready; worker crashes (exited by themselves) {len(fleet.crash_output)}; "
-                        f"SQL samples {sampler.samples} ({sampler.failed} failed during faults)")
+                        f"SQL samples {sampler.samples} ({sampler.failed} failed during faults); "
+                        f"drain: {'; '.join(timeline)}")
     for producer in producers:
         if producer.errors:
             report.lines.append(f"{producer.name} publish errors (first): {producer.errors[:3]}")
     for output in fleet.crash_output[:2]:
         report.lines.append("crashed worker output (tail):\n" + output[-3000:])
-    print(report.text() + f"\nreplay: KOMBU_PG_SOAK_SEED={seed}")
+    logs = Path(tempfile.gettempdir()) / f"kombu-pg-soak-{seed}"
+    fleet.save_logs(logs)
+    print(report.text() + f"\nworker logs: {logs}\nreplay: KOMBU_PG_SOAK_SEED={seed}")
     assert not report.violations, report.text()
 
 

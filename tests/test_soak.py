@@ -156,8 +156,8 @@ DEAD_LOCK = ("lock_token IS NOT NULL AND locked_by NOT IN (SELECT c.id FROM {s}.
 JOB_DUPLICATES = ("SELECT job_key, count(*) FROM {s}.messages WHERE job_key IS NOT NULL AND lock_token IS NULL"
                   " GROUP BY job_key HAVING count(*) > 1")
 # The reaper moves a message with one DELETE ... INSERT: its id is never in both places.
-REAPED_AND_QUEUED = ("SELECT d.id, m.id FROM {s}.dlq d JOIN {s}.messages m ON m.id = d.broker_message_id"
-                     " WHERE d.source = 'reaper'")
+REAPED_AND_QUEUED = ("SELECT d.id AS dlq_id, m.id AS message_id FROM {s}.dlq d"
+                     " JOIN {s}.messages m ON m.id = d.broker_message_id WHERE d.source = 'reaper'")
 
 
 def messages(db: Broker, where: str = "true", params: tuple = ()) -> list[dict]:
@@ -364,6 +364,7 @@ def soak_seed() -> int:
 
 @pytest.mark.chaos
 @pytest.mark.slow
+@pytest.mark.timeout(SECONDS + 600)  # the soak, then at most a few minutes of drain and checks
 @pytest.mark.skipif(not SECONDS, reason="the chaos soak runs only with KOMBU_PG_SOAK_SECONDS > 0 "
                                         "(e.g. KOMBU_PG_SOAK_SECONDS=600 for ten minutes)")
 def test_chaos_soak(server, broker, log, pg_url, schema):  # noqa: F811  (fixtures)

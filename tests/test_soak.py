@@ -25,12 +25,14 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import psycopg
 import pytest
 from celery import Celery
+from kombu.exceptions import OperationalError as KombuOperationalError
 from psycopg import sql
 
 import celery_dlq
@@ -58,6 +60,8 @@ WORKERS = [  # (group, pool, concurrency, queues): the group letter starts the h
     ("b", "threads", 3, soak.COMMON_QUEUES + ["soak.fan2"]),
     ("c", "threads", 2, soak.COMMON_QUEUES),
 ]
+# What a publish may raise when its session ends or the server restarts: a caller can retry these.
+CONNECTION_ERRORS = (KombuOperationalError, psycopg.OperationalError, ConnectionError)
 KINDS = {  # kind: weight
     "plain": 6, "priority": 4, "countdown": 3, "eta": 2, "serial": 5, "job": 5, "direct": 2,
     "topic": 2, "fanout": 2, "send_many": 2, "kombu_batch": 2, "fail": 1,
@@ -179,7 +183,8 @@ class Producer(threading.Thread):
             "schema": schema, "native_delayed_delivery": index % 2 == 0}
         self.app.conf.task_queues = soak.QUEUES
         self.published: list[soak.Publish] = []
-        self.errors: list[str] = []
+        self.errors: Counter[str] = Counter()  # publish errors by kind and type
+        self.unexpected: list[str] = []  # ... that are not connection errors: examples
 
     def new_id(self) -> str:
         return str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
@@ -193,9 +198,10 @@ class Producer(threading.Thread):
             n += 1
             try:
                 self.publish(kind, f"{self.name}-{n}")
-            except Exception as exc:  # the outcome is recorded per task id; keep examples
-                if len(self.errors) < 20:
-                    self.errors.append(f"{kind}: {exc!r}")
+            except Exception as exc:  # the outcome is recorded per task id
+                self.errors[f"{kind} {type(exc).__name__}"] += 1
+                if not isinstance(exc, CONNECTION_ERRORS) and len(self.unexpected) < 20:
+                    self.unexpected.append(f"{kind}: {exc!r}")
             time.sleep(0.01)  # load shaping: a steady stream rather than a burst
 
     def seconds(self) -> float:
@@ -447,7 +453,9 @@ def test_chaos_soak(server, broker, log, pg_url, schema):  # noqa: F811  (fixtur
                         f"drain: {'; '.join(timeline)}")
     for producer in producers:
         if producer.errors:
-            report.lines.append(f"{producer.name} publish errors (first): {producer.errors[:3]}")
+            report.lines.append(f"{producer.name} publish errors: {dict(producer.errors)}")
+        for example in producer.unexpected:
+            report.violate("publish raised a non-connection error", example)
     for output in fleet.crash_output[:2]:
         report.lines.append("crashed worker output (tail):\n" + output[-3000:])
     logs = Path(tempfile.gettempdir()) / f"kombu-pg-soak-{seed}"

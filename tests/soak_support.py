@@ -52,6 +52,7 @@ class Publish:
     replaced: str | None = None  # the task id a REPLACED publish took the place of
     groups: tuple[str, ...] = ()  # fanout: one completed run per worker group is required
     fail: bool = False  # the task raises a non-retryable error: it must reach the DLQ
+    batch: str | None = None  # the bulk publish (send_many, Producer.batch) it was part of
 
 
 @dataclass
@@ -165,6 +166,19 @@ def check(publishes: Sequence[Publish], runs: Sequence[Run], faults: Sequence[Fa
         report.violate("dropped job ran", f"{by_id[task_id].job_key} {task_id}")
     for task_id in sorted({r.task_id for r in runs} - set(by_id)):
         report.violate("run of an unknown task id", task_id)
+
+    # 1b. A bulk publish is all or nothing, whether it returned or raised: some of its
+    # messages ran (or reached the DLQ) only if all of them did.
+    stored = {r.task_id for r in runs} | set(dlq)
+    batches: dict[str, list[str]] = defaultdict(list)
+    for p in publishes:
+        if p.batch is not None:
+            batches[p.batch].append(p.task_id)
+    for name, ids in sorted(batches.items()):
+        ran = [t for t in ids if t in stored]
+        if 0 < len(ran) < len(ids):
+            report.violate("bulk publish not all-or-nothing", f"{by_id[ids[0]].kind} {name}: {len(ran)} of "
+                           f"{len(ids)} ran (publish {'returned' if by_id[ids[0]].committed else 'raised'})")
 
     # 2. Serial keys: two runs of one key never overlap, unless the earlier run's sessions
     # ended (a fault on its worker, or a server restart) before the later one started.

@@ -269,6 +269,8 @@ class Producer(threading.Thread):
     def publish_bulk(self, kind: str, arg: str) -> None:
         rng, app = self.rng, self.app
         size = rng.randint(2, 10)
+        # Per-message due times: send_many writes those through apply_async, in the same transaction.
+        delay = {"countdown": rng.uniform(0.1, MAX_DELAY)} if rng.random() < 0.3 else {}
         ids = [self.new_id() for _ in range(size)]
         serial = [f"s{rng.randint(0, 5)}" if rng.random() < 0.2 else None for _ in ids]
         started = time.time()
@@ -277,18 +279,18 @@ class Producer(threading.Thread):
             if kind == "send_many":
                 send_many([app.signature("soak.work", (f"{arg}.{i}",), {"seconds": self.seconds()}, task_id=t,
                                          headers={"serial_key": s} if s else None)
-                           for i, (t, s) in enumerate(zip(ids, serial))], app=app)
+                           for i, (t, s) in enumerate(zip(ids, serial))], app=app, **delay)
             else:
                 with app.producer_or_acquire() as producer, producer.batch(max_size=1000):
                     for i, (t, s) in enumerate(zip(ids, serial)):
                         # No publish retry: nothing reaches the database before the block exits.
                         app.send_task("soak.work", (f"{arg}.{i}",), {"seconds": self.seconds()}, task_id=t,
                                       producer=producer, declare=[], retry=False,
-                                      headers={"serial_key": s} if s else None)
+                                      headers={"serial_key": s} if s else None, **delay)
             committed = True
         finally:
             done = time.time()
-            self.published += [soak.Publish(t, kind, started, done, committed, serial_key=s)
+            self.published += [soak.Publish(t, kind, started, done, committed, serial_key=s, batch=arg)
                                for t, s in zip(ids, serial)]
 
 
@@ -545,3 +547,14 @@ def test_checker_finds_dlq_job_key_and_recovery_violations():
         "dlq reason", "dlq row also queued", "dlq row of an unknown task id", "dlq status after drain",
         "locked by a dead consumer", "not drained", "two waiting per job key"]
     assert "VIOLATION not drained: 1, e.g. message 7 (p) queue celery deliveries 3 locked_by 99" in report.text()
+
+
+def test_checker_finds_a_partial_bulk_publish():
+    publishes = [_pub(t, "send_many", batch="b1") for t in ("x", "y")] + [
+        _pub(t, "kombu_batch", committed=False, batch="b2") for t in ("u", "v")]
+    runs = [soak.Run(t, "a1@soak", 1, 2) for t in ("x", "y", "u", "v")]
+    assert not soak.check(publishes, runs, []).violations  # a raised batch that committed: all ran
+    report = soak.check(publishes, runs[1:3], [])
+    assert sorted(report.violations) == ["bulk publish not all-or-nothing", "lost"]
+    assert report.violations["bulk publish not all-or-nothing"] == [
+        "send_many b1: 1 of 2 ran (publish returned)", "kombu_batch b2: 1 of 2 ran (publish raised)"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 
 import celery_dlq
+from celery_dlq.store import DLQ_ID_HEADER
 from chaos_app import app, log
 from soak_support import QUEUES
 
@@ -26,8 +27,9 @@ class Failed(celery_dlq.NonRetryable):
 
 @app.task(bind=True, acks_late=True, name="soak.work")
 def work(self, arg: str, seconds: float = 0.0, fail: bool = False) -> None:
+    """``fail``: raise, unless requeued from the DLQ (then its DLQ row must become resolved)."""
     log(self, "start", arg)
     time.sleep(seconds)  # the task's workload: long enough for faults to hit running tasks
     log(self, "end", arg)
-    if fail:
+    if fail and (self.request.headers or {}).get(DLQ_ID_HEADER) is None:
         raise Failed(arg)

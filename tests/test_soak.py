@@ -533,7 +533,7 @@ def test_checker_follows_job_outcomes():
 def test_checker_finds_dlq_job_key_and_recovery_violations():
     publishes = [_pub("f", "fail", fail=True), _pub("g", "fail", fail=True), _pub("p"), _pub("poison")]
     runs = [soak.Run(t, "a1@soak", 1, 2) for t in ("f", "g", "p")]
-    dlq = [{"task_id": "f", "status": "dead", "reason": "non_retryable", "requeue_count": 0, "failure_count": 1},
+    dlq = [{"task_id": "f", "status": "resolved", "reason": "non_retryable", "requeue_count": 1, "failure_count": 1},
            {"task_id": "poison", "status": "dead", "reason": "max_deliveries", "requeue_count": 0,
             "failure_count": 1}]
     assert list(soak.check(publishes, runs, [], dlq_rows=dlq).violations) == ["failure not in dlq"]
@@ -546,6 +546,9 @@ def test_checker_finds_dlq_job_key_and_recovery_violations():
     assert sorted(report.violations) == [
         "dlq reason", "dlq row also queued", "dlq row of an unknown task id", "dlq status after drain",
         "locked by a dead consumer", "not drained", "two waiting per job key"]
+    assert report.violations["dlq status after drain"] == ["g is requeued (requeues 1, failures 1)"]
+    dlq[0]["requeue_count"] = 0  # resolved, but never requeued
+    assert list(soak.check(publishes[:1], runs[:1], [], dlq_rows=dlq[:1]).violations) == ["dlq status after drain"]
     assert "VIOLATION not drained: 1, e.g. message 7 (p) queue celery deliveries 3 locked_by 99" in report.text()
 
 

@@ -37,6 +37,7 @@ from psycopg import sql
 
 import celery_dlq
 from kombu_pg.bulk import send_many
+from kombu_pg.embedded import EmbeddedPostgres
 from kombu_pg.jobs import enqueue
 
 from . import soak_support as soak
@@ -305,8 +306,8 @@ def declare_topology(broker_url: str, schema: str) -> None:
     app.close()
 
 
-def run_faults(rng: random.Random, until: float, fleet: Fleet, db: Broker, server, producers, dlq,
-               faults: list[soak.Fault], requeued: list[str]) -> None:
+def run_faults(rng: random.Random, until: float, fleet: Fleet, db: Broker, embedded: EmbeddedPostgres,
+               producers: list[Producer], dlq: celery_dlq.DLQ, faults: list[soak.Fault], requeued: list[str]) -> None:
     actions = {"kill": 4, "terminate_worker": 3, "terminate_producer": 2, "restart": 1, "requeue_dlq": 2}
     names, weights = zip(*actions.items())
     while time.time() < until:
@@ -328,7 +329,7 @@ def run_faults(rng: random.Random, until: float, fleet: Fleet, db: Broker, serve
                          (name,))
             elif action == "restart":
                 faults.append(soak.Fault("restart", time.time()))
-                server.restart()
+                embedded.restart()
             else:
                 dead = [r[0] for r in db.query("SELECT id FROM {s}.dlq WHERE status = 'dead' ORDER BY id")]
                 if dead:

@@ -11,7 +11,8 @@ embedded) PostgreSQL server and requeues DLQ entries.  Then the faults stop and 
 invariants of ``soak_support.check`` are checked; the report is printed (``-s``).
 
 ``KOMBU_PG_SOAK_SEED`` replays a run's choices (the schedule of faults and publishes;
-timing still differs).  Tasks log to the test server, which is never restarted.
+timing still differs); ``KOMBU_PG_SOAK_WITHOUT=job,fail`` leaves kinds out.  Tasks log to
+the test server, which is never restarted; every worker's output is saved for a failure.
 
     KOMBU_PG_SOAK_SECONDS=600 .venv/bin/python -m pytest tests/test_soak.py -s
 """

@@ -64,7 +64,13 @@ def enqueue(signature: Signature, job_key: str, *, mode: str = "replace", app: C
             raise TypeError(f"job keys need the kombu-pg broker, not {type(channel).__module__}")
         channel.last_job_publish = None
         result = signature.apply_async(producer=producer, headers=headers, **options)
-        published = channel.last_job_publish
+        # Read it from the producer's channel now, not the one held before: a publish
+        # retried after a lost session (Celery retries by default) committed on the channel
+        # the retry revived the producer with.
+        published = producer.channel.last_job_publish
+    if published is None:
+        raise RuntimeError(f"the publish of task {result.id} with job key {job_key!r} reported no outcome "
+                           "(was it routed away from the kombu-pg default exchange?)")
     outcome = Outcome(published.outcome)
     if outcome is Outcome.REPLACED and published.replaced_task_id:
         mark_replaced(app, published.replaced_task_id, result.id)

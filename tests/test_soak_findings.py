@@ -1,14 +1,11 @@
-"""Bugs the chaos soak (tests/test_soak.py) found, each reduced to a minimal reproduction.
-
-Marked ``xfail(strict=True)`` until fixed: the fix makes them pass, and strict turns
-that into a failure that says to remove the mark.
+"""Bugs the chaos soak (tests/test_soak.py) found, each reduced to a minimal reproduction
+and kept as a regression test once fixed.
 """
 
 from __future__ import annotations
 
 import uuid
 
-import pytest
 from celery import Celery
 from psycopg import sql
 
@@ -18,12 +15,9 @@ from .chaos_util import terminate
 from .test_chaos_worker import with_app_name
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "kombu_pg.jobs.enqueue reads the outcome from the channel it held before the publish; a "
-    "publish retried after a lost session (Celery retries by default) commits on a revived "
-    "channel, so enqueue raises AttributeError ('NoneType' object has no attribute 'outcome') "
-    "although the message is stored"))
 def test_enqueue_reports_the_outcome_of_a_publish_retried_after_its_session_ended(pg_conn, pg_url, schema):
+    """enqueue read the outcome from the channel it held before the publish, so a publish
+    retried on a revived channel raised AttributeError although the message was stored."""
     name = f"soak_finding_{uuid.uuid4().hex[:8]}"
     app = Celery("finding", broker=with_app_name(pg_url, name), set_as_current=False)
     app.conf.broker_transport_options = {"schema": schema}

@@ -10,6 +10,7 @@ import base64
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict
 from typing import Any, Collection
 
@@ -33,6 +34,10 @@ from .store import DLQ_ID_HEADER, DLQStore, Entry
 logger = logging.getLogger("celery_dlq")
 
 REAP_TASK = "celery_dlq.reap"
+#: Pauses before the attempts to resolve a requeued entry after a lost session (the first
+#: attempt goes at once): a terminated session or a server restart of a few seconds must
+#: not leave the row 'requeued' although its task succeeded.
+RESOLVE_RETRY_DELAYS = (0.0, 0.5, 1.0, 2.0)
 
 class DeadLetterQueue:
     """Per-app, per-process DLQ runtime."""
@@ -206,12 +211,24 @@ class DeadLetterQueue:
             dlq_id = vars(ctx).get(DLQ_ID_HEADER)
         if dlq_id is None:
             return
-        try:
-            with self._lock:
-                self.store().resolve(int(dlq_id), ctx.id)
-        except Exception:
-            self.reset_connection()
-            logger.error("celery_dlq: could not mark DLQ entry %s resolved", dlq_id, exc_info=True)
+        error: Exception | None = None
+        for delay in (*RESOLVE_RETRY_DELAYS, None):
+            try:
+                with self._lock:
+                    self.store().resolve(int(dlq_id), ctx.id)
+                return
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                error = exc
+                self.reset_connection()  # a lost session: the next attempt reconnects
+                if delay is None:
+                    break
+                time.sleep(delay)
+            except Exception as exc:
+                error = exc
+                self.reset_connection()
+                break
+        logger.error("celery_dlq: could not mark DLQ entry %s resolved; it stays 'requeued'", dlq_id,
+                     exc_info=error)
 
     def on_worker_init(self, sender=None, **kwargs) -> None:
         """Worker main process, before the pool, consumer and ``--purge``: capture first."""

@@ -371,3 +371,30 @@ def test_the_dlq_says_in_the_broker_schema_whether_it_is_installed(pg_url, schem
     assert installed() == []
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(f"{schema}_elsewhere")))
+
+
+def test_a_requeued_entry_is_resolved_after_the_dlq_session_was_lost(pg_url, schema, pg_conn):
+    """Found by the chaos soak: a requeued task succeeded while the worker's DLQ session had
+    been terminated, the resolve failed once and the row stayed 'requeued' for ever."""
+    app = Celery("resolve", broker="memory://", set_as_current=False)
+    app.conf.update(dlq_database_url=pg_url, dlq_schema=schema)
+    api = DLQ(app)
+
+    @app.task(name="proj.add")
+    def add(x, y):
+        return x + y
+
+    task_id = str(uuid.uuid4())
+    store = api.runtime.store()
+    row_id = store.capture(Entry(
+        message=kombu_message(task_id, "proj.add"), reason="non_retryable", source="signal",
+        task_id=task_id, task_name="proj.add", queue="q", exchange="", routing_key="q"))[0]
+    store.mark_requeued(row_id)
+    pg_conn.execute("SELECT pg_terminate_backend(%s)", (store.conn.info.backend_pid,))
+    add.push_request(id=task_id, headers={"dlq_id": row_id})
+    try:
+        api.runtime.on_task_success(sender=add)  # what Celery's task_success signal calls
+    finally:
+        add.pop_request()
+    assert api.show(row_id)["status"] == "resolved"
+    api.close()

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,47 @@ def test_poison_head_blocks_its_key_until_reaped(store):
     [p] = store.claim("q", 5, cid, max_deliveries=1)
     store.requeue([p.token])
     assert store.claim("q", 5, cid, max_deliveries=1) == []  # order beats progress
+
+
+BLOCKS = ("poison head", "delayed head", "head in another queue", "head in flight")
+BLOCKED_DEPTH = 10_000
+OTHER_KEYS = 100
+
+
+def block_a_key(store: BrokerStore, block: str) -> int:
+    """Queue q: key "blocked", whose head cannot be taken (``block`` says why), with
+    BLOCKED_DEPTH ready messages waiting behind it, then one ready message of each of
+    OTHER_KEYS other keys ("k1".."k100").  Claim with max_deliveries=1.  Returns the
+    consumer that holds the head in flight (the others may use it too)."""
+    cid = store.register_consumer()
+    later = datetime.now(timezone.utc) + timedelta(hours=1)
+    store.publish("elsewhere" if block == "head in another queue" else "q", "head", serial_key="blocked",
+                  visible_at=later if block == "delayed head" else None)
+    if block in ("poison head", "head in flight"):
+        [head] = store.claim("q", 1, cid, max_deliveries=1)
+        if block == "poison head":
+            store.requeue([head.token])  # delivered once: poison at max_deliveries=1
+    table = sql.SQL("{}.messages").format(sql.Identifier(store.schema))
+    store.conn.execute(sql.SQL(
+        "INSERT INTO {} (queue, payload, serial_key) SELECT 'q', 'behind', 'blocked' FROM generate_series(1, %s)"
+    ).format(table), (BLOCKED_DEPTH,))
+    store.conn.execute(sql.SQL(
+        "INSERT INTO {} (queue, payload, serial_key) SELECT 'q', 'k' || n, 'k' || n FROM generate_series(1, %s) n"
+    ).format(table), (OTHER_KEYS,))
+    store.conn.execute(sql.SQL("ANALYZE {}").format(table))
+    return cid
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_a_blocked_key_does_not_starve_the_other_keys(store, block):
+    cid = block_a_key(store, block)
+    claimed = []
+    for _ in range(OTHER_KEYS // 10):
+        batch = store.claim("q", 10, cid, max_deliveries=1)
+        assert len(batch) == 10, f"a claim of 10 got {len(batch)} with {OTHER_KEYS - len(claimed)} keys ready"
+        claimed += batch
+    assert sorted(c.payload for c in claimed) == sorted(f"k{n}" for n in range(1, OTHER_KEYS + 1))
+    assert store.claim("q", 10, cid, max_deliveries=1) == []  # the blocked key still waits
 
 
 def test_serial_task_derives_the_key_and_acks_late(pg_url, schema):

@@ -1,0 +1,175 @@
+-- The claim no longer lets one blocked serial key starve the others, and a job-key replace
+-- can no longer put two messages of one key in flight.
+--
+-- 1. Blocked keys.  The claim of 0004 took its keyed candidates from the first
+--    p_limit * 4 ready keyed messages of the queue that belonged to no key in flight.
+--    When those were all followers of one key whose head could not be taken (a poison
+--    head, a head not yet due, a head in another queue), no keyed message was claimed
+--    although other keys were ready; when the key's head was in flight, the scan walked
+--    past every waiting message of that key, on every claim (a 10,000-deep key: 21 ms for
+--    a claim of 100 instead of ~1 ms).  Any scan in ready order has to read a blocked key's
+--    followers, since they are ready rows like any other, so the claim now has two sources
+--    of keys, and neither reads more than one row of a key:
+--      a. the window: the keys of the first p_limit * 4 ready keyed messages, in ready
+--         order (priority, then id), with no per-row filter on keys in flight, so it reads
+--         at most p_limit * 4 rows.  It keeps the cross-key order of the common case.
+--      b. when the window was full and the batch is not: a skip scan over the queue's
+--         distinct keys (messages_ready_key_hash_idx, one index descent per key), from a
+--         random point of the hash order, wrapping around, until the batch is full or every
+--         key was visited.  The random start spreads a busy queue's claims over its keys;
+--         the hash, not the key, orders it because keys often share a long prefix.
+--    Each key is then tried as before: skip it if a message of it is in flight (checked
+--    before the advisory lock too, so keys in flight cost no lock), take the advisory lock
+--    without waiting, re-check in flight, lock the key's head.  The cost is bounded by the
+--    window plus one visit per key of the queue that is blocked or ready; a key's depth no
+--    longer counts.  Considered and not taken: a head-only condition on the ready scan
+--    (still reads every follower), a per-key head table kept by triggers (a write and a row
+--    lock per publish, shared by concurrent publishers of one key).
+--
+-- 2. Job-key replace.  publish_job's ON CONFLICT DO UPDATE rewrites a waiting message's
+--    serial_key, queue and priority.  The head was selected by one statement and locked by
+--    another whose WHERE did not name the key, and under READ COMMITTED a row locked after
+--    a concurrent update is re-checked against the locking statement's WHERE only: a
+--    replace that moved the head to another key between the two put a message of that
+--    other key in flight under this key's advisory lock, beside the other key's own.  The
+--    head is now selected and locked in one statement whose WHERE requires the row to
+--    still be this key's, in this queue, at the priority it was chosen by (its place in the
+--    key), due, unexpired and not poison; otherwise the key is skipped for this claim.
+--
+-- Everything else is as in 0004/0007: at most one message per key in flight, a key's
+-- head goes first (priority, then id), a poison or delayed head holds its key back,
+-- unkeyed messages fill the rest of the batch, found by primary key.
+
+CREATE INDEX messages_ready_key_hash_idx ON {schema}.messages (queue, hashtext(serial_key), serial_key)
+    WHERE lock_token IS NULL AND visible_at IS NULL AND serial_key IS NOT NULL;
+
+CREATE OR REPLACE FUNCTION {schema}.claim(
+    p_queue text, p_limit integer, p_consumer integer, p_max_deliveries integer, p_namespace integer
+) RETURNS TABLE (id bigint, priority smallint, payload text, lock_token uuid, delivery_count integer)
+LANGUAGE plpgsql VOLATILE AS $$
+#variable_conflict use_column
+DECLARE
+    window_keys text[];
+    seen_keys text[];
+    window_full boolean;
+    visited integer := 0;
+    candidate_key text;
+    step record;
+    start_hash integer;
+    at_hash integer;
+    at_key text;
+    wrapped boolean := false;
+    head_id bigint;
+    taken integer := 0;
+BEGIN
+    -- The window's distinct keys in ready order; keys in flight are left out here already,
+    -- so they cost no advisory lock (the check that counts comes after the lock).
+    WITH w AS (
+        SELECT w.serial_key, w.n
+        FROM unnest(ARRAY(
+            SELECT m.serial_key FROM {schema}.messages m
+            WHERE m.queue = p_queue AND m.serial_key IS NOT NULL AND m.lock_token IS NULL
+              AND m.visible_at IS NULL AND (m.expires_at IS NULL OR m.expires_at > now())
+              AND m.delivery_count < p_max_deliveries
+            ORDER BY m.priority DESC, m.id
+            LIMIT p_limit * 4
+        )) WITH ORDINALITY AS w (serial_key, n)
+    )
+    SELECT ARRAY(SELECT w.serial_key FROM w
+                 WHERE NOT EXISTS (SELECT 1 FROM {schema}.messages h
+                                   WHERE h.serial_key = w.serial_key AND h.lock_token IS NOT NULL)
+                 GROUP BY w.serial_key ORDER BY min(w.n)),
+           ARRAY(SELECT DISTINCT w.serial_key FROM w),
+           (SELECT count(*) FROM w) = p_limit * 4
+    INTO window_keys, seen_keys, window_full;
+
+    LOOP
+        EXIT WHEN taken >= p_limit;
+        visited := visited + 1;
+        IF visited <= cardinality(window_keys) THEN
+            candidate_key := window_keys[visited];
+        ELSE
+            -- The window saw every ready keyed message of the queue: no other key to find.
+            EXIT WHEN NOT window_full;
+            IF start_hash IS NULL THEN
+                start_hash := floor(random() * 4294967296 - 2147483648)::integer;
+                at_hash := start_hash;
+                at_key := '';  -- keys are non-empty: before every key of this hash
+            END IF;
+            SELECT s.hash, s.serial_key,
+                   EXISTS (SELECT 1 FROM {schema}.messages h
+                           WHERE h.serial_key = s.serial_key AND h.lock_token IS NOT NULL) AS in_flight
+            INTO step
+            FROM (SELECT hashtext(m.serial_key) AS hash, m.serial_key
+                  FROM {schema}.messages m
+                  WHERE m.queue = p_queue AND m.lock_token IS NULL AND m.visible_at IS NULL
+                    AND m.serial_key IS NOT NULL
+                    AND (hashtext(m.serial_key), m.serial_key) > (at_hash, at_key)
+                  ORDER BY hashtext(m.serial_key), m.serial_key
+                  LIMIT 1) s;
+            IF NOT FOUND THEN
+                EXIT WHEN wrapped;
+                wrapped := true;
+                at_hash := -2147483648;
+                at_key := '';
+                CONTINUE;
+            END IF;
+            EXIT WHEN wrapped AND (step.hash, step.serial_key) > (start_hash, '');
+            at_hash := step.hash;
+            at_key := step.serial_key;
+            candidate_key := step.serial_key;
+            CONTINUE WHEN step.in_flight OR candidate_key = ANY(seen_keys);
+        END IF;
+
+        CONTINUE WHEN NOT pg_try_advisory_xact_lock(p_namespace, hashtext(candidate_key));
+        -- This statement's snapshot is newer than the commit of any claim that held the
+        -- advisory lock before us, so it sees that claim's message in flight.
+        CONTINUE WHEN EXISTS (SELECT 1 FROM {schema}.messages h
+                              WHERE h.serial_key = candidate_key AND h.lock_token IS NOT NULL);
+        -- The key's head (best priority, then oldest, of all its waiting messages, in any
+        -- queue) must be due, of this queue and not poison, or the key waits: a poison head
+        -- blocks its key until the dead-letter reaper moves it.  A row locked after a
+        -- concurrent job-key replace is re-checked against this WHERE alone, so it names
+        -- the key and the priority the head was chosen by (see 2. above).
+        SELECT m.id INTO head_id FROM {schema}.messages m
+        WHERE (m.id, m.priority) = (SELECT h.id, h.priority FROM {schema}.messages h
+                                    WHERE h.serial_key = candidate_key AND h.lock_token IS NULL
+                                      AND (h.expires_at IS NULL OR h.expires_at > now())
+                                    ORDER BY h.priority DESC, h.id
+                                    LIMIT 1)
+          AND m.serial_key = candidate_key AND m.queue = p_queue AND m.lock_token IS NULL
+          AND m.visible_at IS NULL AND (m.expires_at IS NULL OR m.expires_at > now())
+          AND m.delivery_count < p_max_deliveries
+        FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND;
+        RETURN QUERY
+            UPDATE {schema}.messages m
+            SET lock_token = gen_random_uuid(), locked_by = p_consumer, locked_at = now(),
+                delivery_count = m.delivery_count + 1
+            WHERE m.id = head_id
+            RETURNING m.id, m.priority, m.payload, m.lock_token, m.delivery_count;
+        taken := taken + 1;
+    END LOOP;
+
+    IF taken < p_limit THEN
+        RETURN QUERY
+            WITH candidates AS (
+                SELECT m.id FROM {schema}.messages m
+                WHERE m.queue = p_queue AND m.lock_token IS NULL AND m.visible_at IS NULL
+                  AND m.serial_key IS NULL
+                  AND (m.expires_at IS NULL OR m.expires_at > now())
+                  AND m.delivery_count < p_max_deliveries
+                ORDER BY m.priority DESC, m.id
+                LIMIT p_limit - taken
+                FOR UPDATE SKIP LOCKED
+            )
+            UPDATE {schema}.messages m
+            SET lock_token = gen_random_uuid(), locked_by = p_consumer, locked_at = now(),
+                delivery_count = m.delivery_count + 1
+            -- By primary key, never a join: with a small table in the statistics the
+            -- planner hashes a sequential scan of messages, dead rows included.
+            WHERE m.id = ANY(ARRAY(SELECT c.id FROM candidates c))
+            RETURNING m.id, m.priority, m.payload, m.lock_token, m.delivery_count;
+    END IF;
+END
+$$;

@@ -126,6 +126,74 @@ def test_a_blocked_key_does_not_starve_the_other_keys(store, block):
     assert store.claim("q", 10, cid, max_deliveries=1) == []  # the blocked key still waits
 
 
+def test_job_key_replaces_never_put_two_messages_of_a_key_in_flight(pg_url, store):
+    """Publishers replace waiting messages by job key, moving them between serial keys
+    (and no key), queues and priorities, while consumers claim; a checker queries without
+    pause that no key has two messages in flight.  The claim selects a key's head, then
+    locks it: a replace committed in between used to be claimed under the old key."""
+    schema = store.schema
+    stop = threading.Event()
+    failures: list[object] = []
+    checks = threading.Condition()
+    passes = 0
+    twice_in_flight = sql.SQL(
+        "SELECT serial_key, array_agg(payload) FROM {}.messages"
+        " WHERE lock_token IS NOT NULL AND serial_key IS NOT NULL GROUP BY serial_key HAVING count(*) > 1"
+    ).format(sql.Identifier(schema))
+
+    def thread(body, *args) -> threading.Thread:
+        def run() -> None:
+            try:
+                body(*args)
+            except BaseException as exc:  # reported by the test, not lost in the thread
+                failures.append(exc)
+                stop.set()
+        return threading.Thread(target=run)
+
+    def publish(seed: int) -> None:
+        rng = random.Random(seed)
+        # Not waiting for the WAL flush: more replaces, so more of them hit a claim's window.
+        with connect(pg_url, options="-c synchronous_commit=off") as conn:
+            producer = BrokerStore(conn, schema)
+            while not stop.is_set():
+                key = rng.choice(["s0", "s1", "s2", "s3", None])
+                producer.publish_job(rng.choice(["q", "q", "q", "q2"]), f'{{"headers": {{"id": "{key}"}}}}',
+                                     f"j{rng.randrange(4)}", serial_key=key, priority=rng.randrange(10))
+
+    def check() -> None:
+        nonlocal passes
+        with connect(pg_url) as conn:
+            while not stop.is_set():
+                failures.extend(conn.execute(twice_in_flight).fetchall())
+                with checks:
+                    passes += 1
+                    checks.notify_all()
+
+    def consume(rounds: int) -> None:
+        with connect(pg_url) as conn:
+            consumer = BrokerStore(conn, schema)
+            cid, acks = consumer.register_consumer(), []
+            for _ in range(rounds):
+                acks = [c.token for c in consumer.claim("q", 4, cid, acks=acks)]
+                failures.extend(conn.execute(twice_in_flight).fetchall())
+                with checks:  # hold them until a whole check ran after the claim
+                    start = passes
+                    checks.wait_for(lambda: passes >= start + 2 or stop.is_set())
+            consumer.ack(acks)
+
+    publishers = [thread(publish, n) for n in range(3)]
+    checker = thread(check)
+    consumers = [thread(consume, 1500) for _ in range(4)]
+    for t in publishers + [checker] + consumers:
+        t.start()
+    for t in consumers:
+        t.join()
+    stop.set()
+    for t in publishers + [checker]:
+        t.join()
+    assert failures == []
+
+
 def test_serial_task_derives_the_key_and_acks_late(pg_url, schema):
     from celery import Celery
 

@@ -93,8 +93,8 @@ OTHER_KEYS = 100
 def block_a_key(store: BrokerStore, block: str) -> int:
     """Queue q: key "blocked", whose head cannot be taken (``block`` says why), with
     BLOCKED_DEPTH ready messages waiting behind it, then one ready message of each of
-    OTHER_KEYS other keys ("k1".."k100").  Claim with max_deliveries=1.  Returns the
-    consumer that holds the head in flight (the others may use it too)."""
+    OTHER_KEYS other keys ("k1".."k100").  Claim with max_deliveries=1.  Returns a
+    consumer id (for "head in flight", the consumer holding the head)."""
     cid = store.register_consumer()
     later = datetime.now(timezone.utc) + timedelta(hours=1)
     store.publish("elsewhere" if block == "head in another queue" else "q", "head", serial_key="blocked",
@@ -126,11 +126,13 @@ def test_a_blocked_key_does_not_starve_the_other_keys(store, block):
     assert store.claim("q", 10, cid, max_deliveries=1) == []  # the blocked key still waits
 
 
+@pytest.mark.slow
 def test_job_key_replaces_never_put_two_messages_of_a_key_in_flight(pg_url, store):
     """Publishers replace waiting messages by job key, moving them between serial keys
     (and no key), queues and priorities, while consumers claim; a checker queries without
-    pause that no key has two messages in flight.  The claim selects a key's head, then
-    locks it: a replace committed in between used to be claimed under the old key."""
+    pause, and each consumer after each claim, that no key has two messages in flight.
+    The claim selects a key's head, then locks it: a replace committed in between used to
+    be claimed under the old key's advisory lock."""
     schema = store.schema
     stop = threading.Event()
     failures: list[object] = []

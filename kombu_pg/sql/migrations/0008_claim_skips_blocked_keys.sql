@@ -74,12 +74,14 @@ BEGIN
             ORDER BY m.priority DESC, m.id
             LIMIT p_limit * 4
         )) WITH ORDINALITY AS w (serial_key, n)
+    ), k AS (
+        SELECT w.serial_key, min(w.n) AS first FROM w GROUP BY w.serial_key
     )
-    SELECT ARRAY(SELECT w.serial_key FROM w
+    SELECT ARRAY(SELECT k.serial_key FROM k
                  WHERE NOT EXISTS (SELECT 1 FROM {schema}.messages h
-                                   WHERE h.serial_key = w.serial_key AND h.lock_token IS NOT NULL)
-                 GROUP BY w.serial_key ORDER BY min(w.n)),
-           ARRAY(SELECT DISTINCT w.serial_key FROM w),
+                                   WHERE h.serial_key = k.serial_key AND h.lock_token IS NOT NULL)
+                 ORDER BY k.first),
+           ARRAY(SELECT k.serial_key FROM k),
            (SELECT count(*) FROM w) = p_limit * 4
     INTO window_keys, seen_keys, window_full;
 

@@ -6,10 +6,10 @@
 --    When those were all followers of one key whose head could not be taken (a poison
 --    head, a head not yet due, a head in another queue), no keyed message was claimed
 --    although other keys were ready; when the key's head was in flight, the scan walked
---    past every waiting message of that key, on every claim (a 10,000-deep key: 21 ms for
---    a claim of 100 instead of ~1 ms).  Any scan in ready order has to read a blocked key's
---    followers, since they are ready rows like any other, so the claim now has two sources
---    of keys, and neither reads more than one row of a key:
+--    past every waiting message of that key, on every claim.  Any scan in ready order has
+--    to read a blocked key's followers, since they are ready rows like any other, so the
+--    claim now has two sources of keys; past a fixed window, neither reads more than one
+--    row of a key:
 --      a. the window: the keys of the first p_limit * 4 ready keyed messages, in ready
 --         order (priority, then id), with no per-row filter on keys in flight, so it reads
 --         at most p_limit * 4 rows.  It keeps the cross-key order of the common case.
@@ -21,10 +21,11 @@
 --    Each key is then tried as before: skip it if a message of it is in flight (checked
 --    before the advisory lock too, so keys in flight cost no lock), take the advisory lock
 --    without waiting, re-check in flight, lock the key's head.  The cost is bounded by the
---    window plus one visit per key of the queue that is blocked or ready; a key's depth no
---    longer counts.  Considered and not taken: a head-only condition on the ready scan
---    (still reads every follower), a per-key head table kept by triggers (a write and a row
---    lock per publish, shared by concurrent publishers of one key).
+--    window plus one visit per key passed over (blocked or already tried) and per key
+--    taken; a key's depth no longer counts.  The price: one more index entry per keyed
+--    message published or requeued.  Considered and not taken: a head-only condition on
+--    the ready scan (still reads every follower), a per-key head table kept by triggers (a
+--    write and a row lock per publish, shared by concurrent publishers of one key).
 --
 -- 2. Job-key replace.  publish_job's ON CONFLICT DO UPDATE rewrites a waiting message's
 --    serial_key, queue and priority.  The head was selected by one statement and locked by

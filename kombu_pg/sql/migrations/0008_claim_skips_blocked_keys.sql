@@ -17,7 +17,9 @@
 --         distinct keys (messages_ready_key_hash_idx, one index descent per key), from a
 --         random point of the hash order, wrapping around, until the batch is full or every
 --         key was visited.  The random start spreads a busy queue's claims over its keys;
---         the hash, not the key, orders it because keys often share a long prefix.
+--         the hash, not the key, orders it because keys often share a long prefix.  One
+--         statement (a recursive CTE) fetches up to p_limit * 2 keys at a time: a statement
+--         per key cost more than the descents themselves.
 --    Each key is then tried as before: skip it if a message of it is in flight (checked
 --    before the advisory lock too, so keys in flight cost no lock), take the advisory lock
 --    without waiting, re-check in flight, lock the key's head.  The cost is bounded by the
@@ -50,16 +52,17 @@ CREATE OR REPLACE FUNCTION {schema}.claim(
 LANGUAGE plpgsql VOLATILE AS $$
 #variable_conflict use_column
 DECLARE
-    window_keys text[];
     seen_keys text[];
     window_full boolean;
+    candidates text[];  -- the window's keys, then each batch of the skip scan
     visited integer := 0;
+    fetched integer;
     candidate_key text;
-    step record;
     start_hash integer;
     at_hash integer;
     at_key text;
     wrapped boolean := false;
+    scan_done boolean := false;
     head_id bigint;
     taken integer := 0;
 BEGIN
@@ -84,45 +87,58 @@ BEGIN
                  ORDER BY k.first),
            ARRAY(SELECT k.serial_key FROM k),
            (SELECT count(*) FROM w) = p_limit * 4
-    INTO window_keys, seen_keys, window_full;
+    INTO candidates, seen_keys, window_full;
 
     LOOP
         EXIT WHEN taken >= p_limit;
-        visited := visited + 1;
-        IF visited <= cardinality(window_keys) THEN
-            candidate_key := window_keys[visited];
-        ELSE
+        IF visited >= cardinality(candidates) THEN
             -- The window saw every ready keyed message of the queue: no other key to find.
-            EXIT WHEN NOT window_full;
+            EXIT WHEN NOT window_full OR scan_done;
             IF start_hash IS NULL THEN
                 start_hash := floor(random() * 4294967296 - 2147483648)::integer;
                 at_hash := start_hash;
                 at_key := '';  -- keys are non-empty: before every key of this hash
             END IF;
-            SELECT s.hash, s.serial_key,
-                   EXISTS (SELECT 1 FROM {schema}.messages h
-                           WHERE h.serial_key = s.serial_key AND h.lock_token IS NOT NULL) AS in_flight
-            INTO step
-            FROM (SELECT hashtext(m.serial_key) AS hash, m.serial_key
-                  FROM {schema}.messages m
-                  WHERE m.queue = p_queue AND m.lock_token IS NULL AND m.visible_at IS NULL
-                    AND m.serial_key IS NOT NULL
-                    AND (hashtext(m.serial_key), m.serial_key) > (at_hash, at_key)
-                  ORDER BY hashtext(m.serial_key), m.serial_key
-                  LIMIT 1) s;
-            IF NOT FOUND THEN
-                EXIT WHEN wrapped;
+            -- The skip scan's next keys after (at_hash, at_key), one index descent each,
+            -- fetched by one statement; those in flight or already seen are left out.
+            WITH RECURSIVE s (hash, serial_key, n) AS (
+                SELECT at_hash, at_key, 0
+                UNION ALL
+                SELECT nxt.hash, nxt.serial_key, s.n + 1
+                FROM s CROSS JOIN LATERAL (
+                    SELECT hashtext(m.serial_key) AS hash, m.serial_key FROM {schema}.messages m
+                    WHERE m.queue = p_queue AND m.lock_token IS NULL AND m.visible_at IS NULL
+                      AND m.serial_key IS NOT NULL
+                      AND (hashtext(m.serial_key), m.serial_key) > (s.hash, s.serial_key)
+                    ORDER BY hashtext(m.serial_key), m.serial_key
+                    LIMIT 1
+                ) nxt
+                WHERE s.n < p_limit * 2
+            ), found AS (
+                -- Past the start again, after wrapping around: every key was visited.
+                SELECT s.* FROM s
+                WHERE s.n > 0 AND NOT (wrapped AND (s.hash, s.serial_key) > (start_hash, ''))
+            )
+            SELECT ARRAY(SELECT f.serial_key FROM found f
+                         WHERE f.serial_key <> ALL(seen_keys)
+                           AND NOT EXISTS (SELECT 1 FROM {schema}.messages h
+                                           WHERE h.serial_key = f.serial_key AND h.lock_token IS NOT NULL)
+                         ORDER BY f.n),
+                   (SELECT count(*) FROM found),
+                   (SELECT s.hash FROM s ORDER BY s.n DESC LIMIT 1),
+                   (SELECT s.serial_key FROM s ORDER BY s.n DESC LIMIT 1)
+            INTO candidates, fetched, at_hash, at_key;
+            visited := 0;
+            IF fetched < p_limit * 2 THEN  -- the end of the index, or the start again
+                scan_done := wrapped;
                 wrapped := true;
                 at_hash := -2147483648;
                 at_key := '';
-                CONTINUE;
             END IF;
-            EXIT WHEN wrapped AND (step.hash, step.serial_key) > (start_hash, '');
-            at_hash := step.hash;
-            at_key := step.serial_key;
-            candidate_key := step.serial_key;
-            CONTINUE WHEN step.in_flight OR candidate_key = ANY(seen_keys);
+            CONTINUE;
         END IF;
+        visited := visited + 1;
+        candidate_key := candidates[visited];
 
         CONTINUE WHEN NOT pg_try_advisory_xact_lock(p_namespace, hashtext(candidate_key));
         -- This statement's snapshot is newer than the commit of any claim that held the

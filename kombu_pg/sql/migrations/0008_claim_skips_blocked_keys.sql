@@ -10,21 +10,26 @@
 --    to read a blocked key's followers, since they are ready rows like any other, so the
 --    claim now has two sources of keys; past a fixed window, neither reads more than one
 --    row of a key:
---      a. the window: the keys of the first p_limit * 4 ready keyed messages, in ready
---         order (priority, then id), with no per-row filter on keys in flight, so it reads
---         at most p_limit * 4 rows.  It keeps the cross-key order of the common case.
---      b. when the window was full and the batch is not: a skip scan over the queue's
---         distinct keys (messages_ready_key_hash_idx, one index descent per key), from a
---         random point of the hash order, wrapping around, until the batch is full or every
---         key was visited.  The random start spreads a busy queue's claims over its keys;
---         the hash, not the key, orders it because keys often share a long prefix.  One
---         statement (a recursive CTE) fetches up to p_limit * 2 keys at a time: a statement
---         per key cost more than the descents themselves.
+--      a. the window: of the first p_limit * 16 ready keyed messages in ready order
+--         (priority, then id), read whatever their keys, those of keys not in flight, up
+--         to p_limit * 4, as candidates in that order.  It reads at most p_limit * 16 rows
+--         and keeps the cross-key order of the common case.
+--      b. only when the window may hide claimable keys -- keys in flight cut it short (it
+--         read its p_limit * 16 rows and found fewer candidates), or one of its keys has a
+--         head that cannot be taken -- and the batch is not full: a skip scan over the
+--         queue's distinct keys (messages_ready_key_hash_idx, one index descent per key),
+--         from a random point of the hash order, wrapping around, until the batch is full
+--         or every key was visited.  The random start spreads a busy queue's claims over
+--         its keys; the hash, not the key, orders it because keys often share a long
+--         prefix.  One statement (a recursive CTE) fetches up to p_limit * 2 keys at a
+--         time: a statement per key cost more than the descents themselves.  The skip scan
+--         is not run otherwise: with many keys all busy (64 keys, 8 consumers) a claim
+--         that visits every key each time drained keyed messages about a third slower.
 --    Each key is then tried as before: skip it if a message of it is in flight (checked
 --    before the advisory lock too, so keys in flight cost no lock), take the advisory lock
 --    without waiting, re-check in flight, lock the key's head.  The cost is bounded by the
 --    window plus one visit per key passed over (blocked or already tried) and per key
---    taken; a key's depth no longer counts.  The price: one more index entry per keyed
+--    taken; a blocked key's depth no longer counts.  The price: one more index entry per keyed
 --    message published or requeued.  Considered and not taken: a head-only condition on
 --    the ready scan (still reads every follower), a per-key head table kept by triggers (a
 --    write and a row lock per publish, shared by concurrent publishers of one key).
@@ -53,7 +58,9 @@ LANGUAGE plpgsql VOLATILE AS $$
 #variable_conflict use_column
 DECLARE
     seen_keys text[];
+    window_capped boolean;
     window_full boolean;
+    head_blocked boolean := false;
     candidates text[];  -- the window's keys, then each batch of the skip scan
     visited integer := 0;
     fetched integer;
@@ -66,34 +73,41 @@ DECLARE
     head_id bigint;
     taken integer := 0;
 BEGIN
-    -- The window's distinct keys in ready order; keys in flight are left out here already,
-    -- so they cost no advisory lock (the check that counts comes after the lock).
-    WITH w AS (
-        SELECT w.serial_key, w.n
+    -- The window: of the first p_limit * 16 ready keyed messages (read whatever their
+    -- keys), those of keys not in flight, up to p_limit * 4; their distinct keys in ready
+    -- order.  Keys in flight are left out here already, so they cost no advisory lock (the
+    -- check that counts comes after the lock).
+    WITH r AS (
+        SELECT r.serial_key, r.n
         FROM unnest(ARRAY(
             SELECT m.serial_key FROM {schema}.messages m
             WHERE m.queue = p_queue AND m.serial_key IS NOT NULL AND m.lock_token IS NULL
               AND m.visible_at IS NULL AND (m.expires_at IS NULL OR m.expires_at > now())
               AND m.delivery_count < p_max_deliveries
             ORDER BY m.priority DESC, m.id
-            LIMIT p_limit * 4
-        )) WITH ORDINALITY AS w (serial_key, n)
-    ), k AS (
-        SELECT w.serial_key, min(w.n) AS first FROM w GROUP BY w.serial_key
+            LIMIT p_limit * 16
+        )) WITH ORDINALITY AS r (serial_key, n)
+    ), f AS (
+        SELECT r.serial_key, r.n FROM r
+        WHERE NOT EXISTS (SELECT 1 FROM {schema}.messages h
+                          WHERE h.serial_key = r.serial_key AND h.lock_token IS NOT NULL)
+        ORDER BY r.n
+        LIMIT p_limit * 4
     )
-    SELECT ARRAY(SELECT k.serial_key FROM k
-                 WHERE NOT EXISTS (SELECT 1 FROM {schema}.messages h
-                                   WHERE h.serial_key = k.serial_key AND h.lock_token IS NOT NULL)
-                 ORDER BY k.first),
-           ARRAY(SELECT k.serial_key FROM k),
-           (SELECT count(*) FROM w) = p_limit * 4
-    INTO candidates, seen_keys, window_full;
+    SELECT ARRAY(SELECT f.serial_key FROM f GROUP BY f.serial_key ORDER BY min(f.n)),
+           (SELECT count(*) FROM r) = p_limit * 16,
+           (SELECT count(*) FROM f) = p_limit * 4
+    INTO candidates, window_capped, window_full;
+    seen_keys := candidates;
 
     LOOP
         EXIT WHEN taken >= p_limit;
         IF visited >= cardinality(candidates) THEN
-            -- The window saw every ready keyed message of the queue: no other key to find.
-            EXIT WHEN NOT window_full OR scan_done;
+            -- Past the window only where it may hide claimable keys: when keys in flight
+            -- cut it short, or one of its keys has a head that cannot be taken.  Otherwise
+            -- the window saw every ready keyed message, or enough candidates (as in 0004).
+            EXIT WHEN scan_done OR NOT (window_capped OR window_full)
+                      OR (window_full AND NOT head_blocked);
             IF start_hash IS NULL THEN
                 start_hash := floor(random() * 4294967296 - 2147483648)::integer;
                 at_hash := start_hash;
@@ -160,7 +174,10 @@ BEGIN
           AND m.visible_at IS NULL AND (m.expires_at IS NULL OR m.expires_at > now())
           AND m.delivery_count < p_max_deliveries
         FOR UPDATE SKIP LOCKED;
-        CONTINUE WHEN NOT FOUND;
+        IF NOT FOUND THEN
+            head_blocked := true;
+            CONTINUE;
+        END IF;
         RETURN QUERY
             UPDATE {schema}.messages m
             SET lock_token = gen_random_uuid(), locked_by = p_consumer, locked_at = now(),

@@ -89,8 +89,8 @@ def rows_touched(plans: str) -> list[int]:
 @pytest.mark.parametrize("block", BLOCKS)
 def test_a_blocked_keys_waiting_messages_are_not_read(store, block):
     # One key's 10,000 waiting messages come first in the queue; its head cannot be taken.
-    # The claim must get past them without reading them (nor the table): no plan node
-    # may see more than a tenth of them.
+    # The claim must get past them reading no more of them than its window (limit x 16
+    # rows), nor the table: no plan node may see as many as a tenth of them.
     block_a_key(store, block)
     plans = claim_plans(store, "q", 10, analyze=True, max_deliveries=1)
     assert "Seq Scan on messages" not in plans and sorts_of_messages(plans) == []

@@ -6,8 +6,12 @@ sees the plans PostgreSQL really used inside the claim function on a deep queue.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from psycopg import sql
+
+from .test_serial import BLOCKED_DEPTH, BLOCKS, block_a_key
 
 
 @pytest.fixture
@@ -22,7 +26,9 @@ def deep_store(store):
     return store
 
 
-def claim_plans(store, **claim) -> str:
+def claim_plans(store, queue: str = "deep", limit: int = 100, *, analyze: bool = False, **claim) -> str:
+    """The plans of every statement one claim ran (with actual row counts if ``analyze``);
+    asserts the claim was full."""
     notices = []
     store.conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
     try:
@@ -30,27 +36,65 @@ def claim_plans(store, **claim) -> str:
     except Exception as exc:  # pragma: no cover - depends on the server build
         pytest.skip(f"auto_explain not available: {exc}")
     for setting in ("auto_explain.log_min_duration = 0", "auto_explain.log_nested_statements = on",
-                    "auto_explain.log_level = notice"):
+                    "auto_explain.log_level = notice", f"auto_explain.log_analyze = {'on' if analyze else 'off'}",
+                    "auto_explain.log_timing = off"):
         store.conn.execute(f"SET {setting}")
     try:
-        claimed = store.claim("deep", 50, store.register_consumer(), **claim)
+        claimed = store.claim(queue, limit, store.register_consumer(), **claim)
     finally:
         store.conn.execute("SET auto_explain.log_min_duration = -1")
-    assert len(claimed) == 50
+    assert len(claimed) == limit
     return "\n".join(notices)
+
+
+def sorts_of_messages(plans: str) -> list[str]:
+    """Sort nodes that read messages directly: the claim must find rows in order by index.
+    (Sorting a few hundred keys it already holds, as the window does, is fine.)"""
+    lines = plans.splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if line.lstrip(" ->").startswith("Sort  ("):
+            child = next((c for c in lines[i + 1:] if "->" in c), "")
+            if " on messages" in child:
+                found.append(line + "\n" + child)
+    return found
 
 
 def test_claim_uses_the_ready_indexes_without_sorting(deep_store):
     plans = claim_plans(deep_store)
     assert "messages_ready_idx" in plans          # unkeyed candidates
-    assert "messages_ready_keyed_idx" in plans    # keyed candidates
+    assert "messages_ready_keyed_idx" in plans    # keyed candidates: the window
     assert "Seq Scan on messages" not in plans
-    assert "Sort" not in plans
+    assert sorts_of_messages(plans) == []
 
 
 def test_claim_with_max_deliveries_still_uses_the_indexes(deep_store):
     plans = claim_plans(deep_store, max_deliveries=5)
-    assert "Seq Scan on messages" not in plans and "Sort" not in plans
+    assert "Seq Scan on messages" not in plans and sorts_of_messages(plans) == []
+
+
+def rows_touched(plans: str) -> list[int]:
+    """Rows each plan node returned or filtered out, over all its loops."""
+    touched = []
+    loops = 1
+    for line in plans.splitlines():
+        if node := re.search(r"actual rows=(\d+) loops=(\d+)", line):
+            loops = int(node[2])
+            touched.append(int(node[1]) * loops)
+        elif removed := re.search(r"Rows Removed by (?:Filter|Join Filter|Index Recheck): (\d+)", line):
+            touched.append(int(removed[1]) * loops)
+    return touched
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_a_blocked_keys_waiting_messages_are_not_read(store, block):
+    # One key's 10,000 waiting messages come first in the queue; its head cannot be taken.
+    # The claim must get past them reading no more of them than its window (limit x 16
+    # rows), nor the table: no plan node may see as many as a tenth of them.
+    block_a_key(store, block)
+    plans = claim_plans(store, "q", 10, analyze=True, max_deliveries=1)
+    assert "Seq Scan on messages" not in plans and sorts_of_messages(plans) == []
+    assert max(rows_touched(plans)) < BLOCKED_DEPTH // 10
 
 
 @pytest.fixture

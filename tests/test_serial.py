@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,117 @@ def test_poison_head_blocks_its_key_until_reaped(store):
     [p] = store.claim("q", 5, cid, max_deliveries=1)
     store.requeue([p.token])
     assert store.claim("q", 5, cid, max_deliveries=1) == []  # order beats progress
+
+
+BLOCKS = ("poison head", "delayed head", "head in another queue", "head in flight")
+BLOCKED_DEPTH = 10_000
+OTHER_KEYS = 100
+
+
+def block_a_key(store: BrokerStore, block: str) -> int:
+    """Queue q: key "blocked", whose head cannot be taken (``block`` says why), with
+    BLOCKED_DEPTH ready messages waiting behind it, then one ready message of each of
+    OTHER_KEYS other keys ("k1".."k100").  Claim with max_deliveries=1.  Returns a
+    consumer id (for "head in flight", the consumer holding the head)."""
+    cid = store.register_consumer()
+    later = datetime.now(timezone.utc) + timedelta(hours=1)
+    store.publish("elsewhere" if block == "head in another queue" else "q", "head", serial_key="blocked",
+                  visible_at=later if block == "delayed head" else None)
+    if block in ("poison head", "head in flight"):
+        [head] = store.claim("q", 1, cid, max_deliveries=1)
+        if block == "poison head":
+            store.requeue([head.token])  # delivered once: poison at max_deliveries=1
+    table = sql.SQL("{}.messages").format(sql.Identifier(store.schema))
+    store.conn.execute(sql.SQL(
+        "INSERT INTO {} (queue, payload, serial_key) SELECT 'q', 'behind', 'blocked' FROM generate_series(1, %s)"
+    ).format(table), (BLOCKED_DEPTH,))
+    store.conn.execute(sql.SQL(
+        "INSERT INTO {} (queue, payload, serial_key) SELECT 'q', 'k' || n, 'k' || n FROM generate_series(1, %s) n"
+    ).format(table), (OTHER_KEYS,))
+    store.conn.execute(sql.SQL("ANALYZE {}").format(table))
+    return cid
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_a_blocked_key_does_not_starve_the_other_keys(store, block):
+    cid = block_a_key(store, block)
+    claimed = []
+    for _ in range(OTHER_KEYS // 10):
+        batch = store.claim("q", 10, cid, max_deliveries=1)
+        assert len(batch) == 10, f"a claim of 10 got {len(batch)} with {OTHER_KEYS - len(claimed)} keys ready"
+        claimed += batch
+    assert sorted(c.payload for c in claimed) == sorted(f"k{n}" for n in range(1, OTHER_KEYS + 1))
+    assert store.claim("q", 10, cid, max_deliveries=1) == []  # the blocked key still waits
+
+
+@pytest.mark.slow
+def test_job_key_replaces_never_put_two_messages_of_a_key_in_flight(pg_url, store):
+    """Publishers replace waiting messages by job key, moving them between serial keys
+    (and no key), queues and priorities, while consumers claim; a checker queries without
+    pause, and each consumer after each claim, that no key has two messages in flight.
+    The claim selects a key's head, then locks it: a replace committed in between used to
+    be claimed under the old key's advisory lock."""
+    schema = store.schema
+    stop = threading.Event()
+    failures: list[object] = []
+    checks = threading.Condition()
+    passes = 0
+    twice_in_flight = sql.SQL(
+        "SELECT serial_key, array_agg(payload) FROM {}.messages"
+        " WHERE lock_token IS NOT NULL AND serial_key IS NOT NULL GROUP BY serial_key HAVING count(*) > 1"
+    ).format(sql.Identifier(schema))
+
+    def thread(body, *args) -> threading.Thread:
+        def run() -> None:
+            try:
+                body(*args)
+            except BaseException as exc:  # reported by the test, not lost in the thread
+                failures.append(exc)
+                stop.set()
+        return threading.Thread(target=run)
+
+    def publish(seed: int) -> None:
+        rng = random.Random(seed)
+        # Not waiting for the WAL flush: more replaces, so more of them hit a claim's window.
+        with connect(pg_url, options="-c synchronous_commit=off") as conn:
+            producer = BrokerStore(conn, schema)
+            while not stop.is_set():
+                key = rng.choice(["s0", "s1", "s2", "s3", None])
+                producer.publish_job(rng.choice(["q", "q", "q", "q2"]), f'{{"headers": {{"id": "{key}"}}}}',
+                                     f"j{rng.randrange(4)}", serial_key=key, priority=rng.randrange(10))
+
+    def check() -> None:
+        nonlocal passes
+        with connect(pg_url) as conn:
+            while not stop.is_set():
+                failures.extend(conn.execute(twice_in_flight).fetchall())
+                with checks:
+                    passes += 1
+                    checks.notify_all()
+
+    def consume(rounds: int) -> None:
+        with connect(pg_url) as conn:
+            consumer = BrokerStore(conn, schema)
+            cid, acks = consumer.register_consumer(), []
+            for _ in range(rounds):
+                acks = [c.token for c in consumer.claim("q", 4, cid, acks=acks)]
+                failures.extend(conn.execute(twice_in_flight).fetchall())
+                with checks:  # hold them until a whole check ran after the claim
+                    start = passes
+                    checks.wait_for(lambda: passes >= start + 2 or stop.is_set())
+            consumer.ack(acks)
+
+    publishers = [thread(publish, n) for n in range(3)]
+    checker = thread(check)
+    consumers = [thread(consume, 1500) for _ in range(4)]
+    for t in publishers + [checker] + consumers:
+        t.start()
+    for t in consumers:
+        t.join()
+    stop.set()
+    for t in publishers + [checker]:
+        t.join()
+    assert failures == []
 
 
 def test_serial_task_derives_the_key_and_acks_late(pg_url, schema):

@@ -148,6 +148,9 @@ CREATE INDEX messages_keys_in_flight_idx ON {schema}.messages (serial_key)
     WHERE lock_token IS NOT NULL AND serial_key IS NOT NULL;
 CREATE INDEX messages_key_head_idx ON {schema}.messages (serial_key, priority DESC, id)
     WHERE lock_token IS NULL AND serial_key IS NOT NULL;
+-- The queue's distinct ready keys, for the claim's skip scan (0012).
+CREATE INDEX messages_ready_key_hash_idx ON {schema}.messages (queue, hashtext(serial_key), serial_key)
+    WHERE lock_token IS NULL AND visible_at IS NULL AND serial_key IS NOT NULL;
 CREATE INDEX messages_delayed_idx ON {schema}.messages (visible_at)
     WHERE visible_at IS NOT NULL AND lock_token IS NULL;
 CREATE INDEX messages_expiring_idx ON {schema}.messages (expires_at)
@@ -361,13 +364,20 @@ END;
 $$;
 
 -- Claim up to p_limit messages of p_queue for consumer p_consumer (0004; 0007 finds the
--- locked unkeyed candidates by primary key).
+-- locked unkeyed candidates by primary key; 0012 bounds the keyed part by keys, not by the
+-- depth of a blocked key, and locks a key's head in the statement that re-checks it).
 --
--- Keyed messages first: for each candidate key, never waiting,
---   1. take a transaction advisory lock on the key (skip the key if another claim has it);
---   2. check no message of the key is in flight -- this statement's snapshot is newer than
---      the commit of any claim that held the advisory lock before us, so it sees that claim;
---   3. lock the key's head (best priority, then oldest) with SKIP LOCKED, or skip the key.
+-- Keyed messages first, from two sources of candidate keys, neither reading more than one
+-- row of a key: the keys of the first ready keyed messages in claim order (the window),
+-- then, when the window may hide claimable keys, a skip scan over the queue's distinct keys
+-- (messages_ready_key_hash_idx) from a random point.  For each candidate key, never waiting:
+--   1. skip it if a message of the key is in flight;
+--   2. take a transaction advisory lock on the key (skip the key if another claim has it);
+--   3. check again that no message of the key is in flight -- this statement's snapshot is
+--      newer than the commit of any claim that held the advisory lock before us;
+--   4. select and lock the key's head (best priority, then oldest) with SKIP LOCKED in one
+--      statement whose WHERE re-checks the key, queue, priority, due time and delivery
+--      count on the locked row (a job-key replace may have changed them), or skip the key.
 -- A key is free again as soon as its message is acked (deleted) or unlocked (requeue,
 -- recovery): "held" is derived from the messages themselves, so no lock row can leak.
 -- Unkeyed messages fill the rest of the batch.
@@ -377,39 +387,127 @@ CREATE FUNCTION {schema}.claim(
 LANGUAGE plpgsql VOLATILE AS $$
 #variable_conflict use_column
 DECLARE
-    candidate record;
+    seen_keys text[];
+    window_capped boolean;
+    window_full boolean;
+    head_blocked boolean := false;
+    candidates text[];  -- the window's keys, then each batch of the skip scan
+    visited integer := 0;
+    fetched integer;
+    candidate_key text;
+    start_hash integer;
+    at_hash integer;
+    at_key text;
+    wrapped boolean := false;
+    scan_done boolean := false;
     head_id bigint;
     taken integer := 0;
-    tried text[] := ARRAY[]::text[];
 BEGIN
-    FOR candidate IN
-        SELECT m.serial_key FROM {schema}.messages m
-        WHERE m.queue = p_queue AND m.serial_key IS NOT NULL AND m.lock_token IS NULL
-          AND m.visible_at IS NULL AND (m.expires_at IS NULL OR m.expires_at > now())
-          AND m.delivery_count < p_max_deliveries
-          AND NOT EXISTS (SELECT 1 FROM {schema}.messages h
-                          WHERE h.serial_key = m.serial_key AND h.lock_token IS NOT NULL)
-        ORDER BY m.priority DESC, m.id
+    -- The window: of the first p_limit * 16 ready keyed messages (read whatever their
+    -- keys), those of keys not in flight, up to p_limit * 4; their distinct keys in ready
+    -- order.  Keys in flight are left out here already, so they cost no advisory lock (the
+    -- check that counts comes after the lock).
+    WITH r AS (
+        SELECT r.serial_key, r.n
+        FROM unnest(ARRAY(
+            SELECT m.serial_key FROM {schema}.messages m
+            WHERE m.queue = p_queue AND m.serial_key IS NOT NULL AND m.lock_token IS NULL
+              AND m.visible_at IS NULL AND (m.expires_at IS NULL OR m.expires_at > now())
+              AND m.delivery_count < p_max_deliveries
+            ORDER BY m.priority DESC, m.id
+            LIMIT p_limit * 16
+        )) WITH ORDINALITY AS r (serial_key, n)
+    ), f AS (
+        SELECT r.serial_key, r.n FROM r
+        WHERE NOT EXISTS (SELECT 1 FROM {schema}.messages h
+                          WHERE h.serial_key = r.serial_key AND h.lock_token IS NOT NULL)
+        ORDER BY r.n
         LIMIT p_limit * 4
+    )
+    SELECT ARRAY(SELECT f.serial_key FROM f GROUP BY f.serial_key ORDER BY min(f.n)),
+           (SELECT count(*) FROM r) = p_limit * 16,
+           (SELECT count(*) FROM f) = p_limit * 4
+    INTO candidates, window_capped, window_full;
+    seen_keys := candidates;
+
     LOOP
         EXIT WHEN taken >= p_limit;
-        CONTINUE WHEN candidate.serial_key = ANY(tried);
-        tried := tried || candidate.serial_key;
-        CONTINUE WHEN NOT pg_try_advisory_xact_lock(p_namespace, hashtext(candidate.serial_key));
+        IF visited >= cardinality(candidates) THEN
+            -- Past the window only where it may hide claimable keys: when keys in flight
+            -- cut it short, or one of its keys has a head that cannot be taken.  Otherwise
+            -- the window saw every ready keyed message, or enough candidates (as in 0004).
+            EXIT WHEN scan_done OR NOT (window_capped OR window_full)
+                      OR (window_full AND NOT head_blocked);
+            IF start_hash IS NULL THEN
+                start_hash := floor(random() * 4294967296 - 2147483648)::integer;
+                at_hash := start_hash;
+                at_key := '';  -- keys are non-empty: before every key of this hash
+            END IF;
+            -- The skip scan's next keys after (at_hash, at_key), one index descent each,
+            -- fetched by one statement; those in flight or already seen are left out.
+            WITH RECURSIVE s (hash, serial_key, n) AS (
+                SELECT at_hash, at_key, 0
+                UNION ALL
+                SELECT nxt.hash, nxt.serial_key, s.n + 1
+                FROM s CROSS JOIN LATERAL (
+                    SELECT hashtext(m.serial_key) AS hash, m.serial_key FROM {schema}.messages m
+                    WHERE m.queue = p_queue AND m.lock_token IS NULL AND m.visible_at IS NULL
+                      AND m.serial_key IS NOT NULL
+                      AND (hashtext(m.serial_key), m.serial_key) > (s.hash, s.serial_key)
+                    ORDER BY hashtext(m.serial_key), m.serial_key
+                    LIMIT 1
+                ) nxt
+                WHERE s.n < p_limit * 2
+            ), found AS (
+                -- Past the start again, after wrapping around: every key was visited.
+                SELECT s.* FROM s
+                WHERE s.n > 0 AND NOT (wrapped AND (s.hash, s.serial_key) > (start_hash, ''))
+            )
+            SELECT ARRAY(SELECT f.serial_key FROM found f
+                         WHERE f.serial_key <> ALL(seen_keys)
+                           AND NOT EXISTS (SELECT 1 FROM {schema}.messages h
+                                           WHERE h.serial_key = f.serial_key AND h.lock_token IS NOT NULL)
+                         ORDER BY f.n),
+                   (SELECT count(*) FROM found),
+                   (SELECT s.hash FROM s ORDER BY s.n DESC LIMIT 1),
+                   (SELECT s.serial_key FROM s ORDER BY s.n DESC LIMIT 1)
+            INTO candidates, fetched, at_hash, at_key;
+            visited := 0;
+            IF fetched < p_limit * 2 THEN  -- the end of the index, or the start again
+                scan_done := wrapped;
+                wrapped := true;
+                at_hash := -2147483648;
+                at_key := '';
+            END IF;
+            CONTINUE;
+        END IF;
+        visited := visited + 1;
+        candidate_key := candidates[visited];
+
+        CONTINUE WHEN NOT pg_try_advisory_xact_lock(p_namespace, hashtext(candidate_key));
+        -- This statement's snapshot is newer than the commit of any claim that held the
+        -- advisory lock before us, so it sees that claim's message in flight.
         CONTINUE WHEN EXISTS (SELECT 1 FROM {schema}.messages h
-                              WHERE h.serial_key = candidate.serial_key AND h.lock_token IS NOT NULL);
+                              WHERE h.serial_key = candidate_key AND h.lock_token IS NOT NULL);
+        -- The key's head (best priority, then oldest, of all its waiting messages, in any
+        -- queue) must be due, of this queue and not poison, or the key waits: a poison head
+        -- blocks its key until the dead-letter reaper moves it.  A row locked after a
+        -- concurrent job-key replace is re-checked against this WHERE alone, so it names
+        -- the key and the priority the head was chosen by (see 2. above).
         SELECT m.id INTO head_id FROM {schema}.messages m
-        WHERE m.serial_key = candidate.serial_key AND m.lock_token IS NULL
-          AND (m.expires_at IS NULL OR m.expires_at > now())
-        ORDER BY m.priority DESC, m.id
-        LIMIT 1;
-        -- The head itself must be due, of this queue and not poison: otherwise the key
-        -- waits (a poison head blocks its key until the dead-letter reaper moves it).
-        PERFORM 1 FROM {schema}.messages m
-        WHERE m.id = head_id AND m.queue = p_queue AND m.lock_token IS NULL
-          AND m.visible_at IS NULL AND m.delivery_count < p_max_deliveries
+        WHERE (m.id, m.priority) = (SELECT h.id, h.priority FROM {schema}.messages h
+                                    WHERE h.serial_key = candidate_key AND h.lock_token IS NULL
+                                      AND (h.expires_at IS NULL OR h.expires_at > now())
+                                    ORDER BY h.priority DESC, h.id
+                                    LIMIT 1)
+          AND m.serial_key = candidate_key AND m.queue = p_queue AND m.lock_token IS NULL
+          AND m.visible_at IS NULL AND (m.expires_at IS NULL OR m.expires_at > now())
+          AND m.delivery_count < p_max_deliveries
         FOR UPDATE SKIP LOCKED;
-        CONTINUE WHEN NOT FOUND;
+        IF NOT FOUND THEN
+            head_blocked := true;
+            CONTINUE;
+        END IF;
         RETURN QUERY
             UPDATE {schema}.messages m
             SET lock_token = gen_random_uuid(), locked_by = p_consumer, locked_at = now(),

@@ -11,9 +11,10 @@ run can be traced to its publish whatever its outcome.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Collection, Iterable, Sequence
 
 from kombu import Exchange, Queue
 
@@ -34,6 +35,16 @@ FANOUT_GROUPS = {"soak.fan1": "a", "soak.fan2": "b"}
 
 # Job outcomes whose task id will run (kombu_pg.jobs.Outcome values).
 RUNS = {"enqueued", "queued_behind_in_flight", "replaced"}
+
+# The WARNING an unlock logs when it deletes a delivered message whose job key has a
+# waiting message: that newer one runs instead (docs/job-keys.md, "superseded").
+SUPERSEDED_RE = re.compile(r"task (\S+) \(job key .*?\) was delivered and not acked while task \S+ "
+                           r"with the same job key was waiting: superseded")
+
+
+def superseded_ids(log_lines: Iterable[str]) -> set[str]:
+    """Task ids the workers' logs say an unlock superseded."""
+    return {match[1] for line in log_lines if (match := SUPERSEDED_RE.search(line))}
 
 
 @dataclass
@@ -105,10 +116,11 @@ def pair_runs(rows: Iterable[tuple[str, str, str, int, float]]) -> list[Run]:
     return runs
 
 
-def required_ids(publishes: Sequence[Publish]) -> tuple[set[str], set[str], set[str]]:
+def required_ids(publishes: Sequence[Publish], superseded: Collection[str] = ()) -> tuple[set[str], set[str], set[str]]:
     """(must run, must never run, uncertain) task ids.
 
-    Must run: committed, and for job keys an outcome that runs and not replaced later.
+    Must run: committed, and for job keys an outcome that runs and not replaced later, nor
+    ``superseded`` (delivered, then unlocked while a newer message of its key waited).
     Must never run: a job publish DROPPED (``keep``): nothing was stored.
     Uncertain: a job publish that raised may have committed and replaced any message of
     its key committed before it returned, so those are not required.
@@ -122,6 +134,7 @@ def required_ids(publishes: Sequence[Publish]) -> tuple[set[str], set[str], set[
             by_key[p.job_key].append(p)
         if p.committed and p.replaced:
             required.discard(p.replaced)
+    required.difference_update(superseded)
     for key_publishes in by_key.values():
         for lost in (p for p in key_publishes if not p.committed and p.job_mode != "keep"):
             for p in key_publishes:
@@ -134,18 +147,20 @@ def check(publishes: Sequence[Publish], runs: Sequence[Run], faults: Sequence[Fa
           job_samples: Sequence[tuple[float, str, int]] = (),
           reaper_samples: Sequence[tuple[float, int, int]] = (),
           dlq_rows: Sequence[dict] = (), leftover: Sequence[dict] = (),
-          stale_locks: Sequence[dict] = (), requeued: Iterable[str] = ()) -> Report:
+          stale_locks: Sequence[dict] = (), requeued: Iterable[str] = (),
+          superseded: Collection[str] = ()) -> Report:
     """Every invariant of the soak, on what the soak recorded (see docs/guarantees.md).
 
     ``job_samples``: (at, job key, waiting count) rows with a count above 1;
     ``reaper_samples``: (at, dlq id, message id) of reaped rows whose message was still
     queued; ``dlq_rows``: the DLQ at the end; ``leftover``: messages left after the drain
     bound; ``stale_locks``: messages still locked by a dead consumer after the stale-lock
-    bound; ``requeued``: task ids the soak requeued from the DLQ.
+    bound; ``requeued``: task ids the soak requeued from the DLQ; ``superseded``: task ids
+    the workers' logs say an unlock superseded (:func:`superseded_ids`).
     """
     report = Report()
     by_id = {p.task_id: p for p in publishes}
-    required, never, uncertain = required_ids(publishes)
+    required, never, uncertain = required_ids(publishes, superseded)
     completed: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         if run.end is not None:
@@ -240,7 +255,8 @@ def check(publishes: Sequence[Publish], runs: Sequence[Run], faults: Sequence[Fa
     report.lines.append("published (committed/attempted): " + ", ".join(
         f"{k} {committed[k]}/{n}" for k, n in sorted(kinds.items())))
     outcomes = Counter(p.outcome for p in publishes if p.job_key is not None and p.committed)
-    report.lines.append(f"job outcomes: {dict(outcomes)}; uncertain (a replace publish raised): {len(uncertain)}")
+    report.lines.append(f"job outcomes: {dict(outcomes)}; uncertain (a replace publish raised): {len(uncertain)}; "
+                        f"superseded at an unlock: {len(set(superseded))}")
     report.lines.append(f"required {len(required)}, runs {len(runs)} ({sum(r.end is None for r in runs)} "
                         f"interrupted), duplicated task ids {len(duplicates)} ({sum(duplicates.values())} extra runs)"
                         f", serial overlaps excused by a fault {overlaps_excused}")

@@ -117,7 +117,8 @@ class DeadLetterQueue:
                     f"The backstop sweep ({REAP_TASK}, `celery dlq reap`, worker start) will recover it "
                     "from its FAILURE result.")
         logger.critical("celery_dlq: DLQ WRITE FAILED for task %s[%s] (%s: %s): %s. %s",
-                        entry.task_name, entry.task_id, entry.reason, entry.exception_type, error, recovery)
+                        entry.task_name, entry.task_id, entry.reason, entry.exception_type,
+                        " ".join(str(error).split()), recovery)  # one line: a log search finds it whole
         return None
 
     def backstop_unmet(self, task_name: str | None = None) -> str | None:
@@ -414,7 +415,7 @@ def guard_retry(task, dlq: DeadLetterQueue) -> None:
     original = task.retry
 
     def retry(*args, **kwargs):
-        if task.retry_backoff and len(args) < 5 and kwargs.get("countdown") is None and kwargs.get("eta") is None:
+        if getattr(task, "retry_backoff", False) and len(args) < 5 and kwargs.get("countdown") is None and kwargs.get("eta") is None:
             kwargs["countdown"] = policy_countdown(task)
         exc = kwargs.get("exc", args[2] if len(args) > 2 else None)
         if exc is not None:
@@ -436,7 +437,7 @@ def policy_countdown(task) -> int:
     with ``retry_jitter``)."""
     return get_exponential_backoff_interval(
         factor=int(max(1.0, float(task.retry_backoff))), retries=task.request.retries or 0,
-        maximum=int(task.retry_backoff_max), full_jitter=task.retry_jitter)
+        maximum=int(getattr(task, "retry_backoff_max", 600)), full_jitter=getattr(task, "retry_jitter", True))
 
 
 def minimal_message(task, task_id, args, kwargs) -> dict:

@@ -229,7 +229,7 @@ class DeadLetterQueue:
         ``requeued`` forever (no failure, no success follows), so it is ``dead`` again."""
         if not self._ours(sender) or request is None:
             return
-        what = "expired" if expired else "terminated" if terminated else "revoked"
+        what = "expired on arrival" if expired else "terminated while running" if terminated else "revoked on arrival"
         # The request is the task's Context: its attributes are the message headers.
         self._requeue_undone(_dlq_id(vars(request)), getattr(request, "id", None), what)
 
@@ -240,7 +240,7 @@ class DeadLetterQueue:
         if message is None or getattr(getattr(sender, "app", None), "_celery_dlq", None) is not self:
             return
         headers = getattr(message, "headers", None)
-        self._requeue_undone(_dlq_id(headers), (headers or {}).get("id"), "discarded by the worker")
+        self._requeue_undone(_dlq_id(headers), (headers or {}).get("id"), "discarded by the worker on arrival")
 
     def _requeue_undone(self, dlq_id: int | None, task_id: str | None, what: str) -> None:
         if dlq_id is None:
@@ -248,14 +248,14 @@ class DeadLetterQueue:
         try:
             with self._lock:
                 undone = self.store().requeue_undone(
-                    dlq_id, f"requeued task {task_id} {what} on arrival: not run, back to dead")
+                    dlq_id, f"requeued task {task_id} {what}: no result, back to dead")
         except Exception:
             self.reset_connection()
             logger.error("celery_dlq: could not mark DLQ entry %s dead again (its requeued task %s was %s)",
                          dlq_id, task_id, what, exc_info=True)
             return
         if undone:
-            logger.warning("celery_dlq: requeued task %s was %s on arrival; DLQ entry %s is dead again",
+            logger.warning("celery_dlq: requeued task %s was %s; DLQ entry %s is dead again",
                            task_id, what, dlq_id)
 
     def on_task_success(self, sender=None, **kwargs) -> None:

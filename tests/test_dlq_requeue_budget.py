@@ -21,32 +21,10 @@ from celery_dlq.cli import dlq as dlq_cli
 from celery_dlq.ext import BACKSTOP_UNRECOVERED
 from celery_dlq.http import DLQAdmin
 
-from .dlq_app import make_app, setup_schema
+from .dlq_fixtures import client, db, env, set_switch  # noqa: F401 (fixtures)
 from .worker import CeleryWorker, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def env(pg_url):
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    setup_schema(pg_url, schema)
-    yield {"url": pg_url, "schema": schema}
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
-
-
-@pytest.fixture(scope="module")
-def db(env):
-    with psycopg.connect(env["url"], autocommit=True) as conn:
-        yield conn
-
-
-@pytest.fixture(scope="module")
-def client(env):
-    app = make_app(env["url"], env["schema"])
-    yield app
-    DLQ(app).close()
 
 
 def start_worker(env, queue="celery", **conf) -> CeleryWorker:
@@ -89,12 +67,6 @@ def run_retries(db, env, task_id):
 def run_times(db, env, task_id):
     return [r[0] for r in db.execute(sql.SQL("SELECT at FROM {}.runs WHERE task_id = %s ORDER BY at")
                                      .format(sql.Identifier(env["schema"])), (task_id,))]
-
-
-def set_switch(db, env, failing):
-    db.execute(sql.SQL("INSERT INTO {}.switches VALUES ('switchable', %s) ON CONFLICT (name) "
-                       "DO UPDATE SET failing = EXCLUDED.failing").format(sql.Identifier(env["schema"])),
-               (failing,))
 
 
 # -- 1. requeue restores the retry budget; expires; a requeue that never runs -------------------

@@ -199,6 +199,7 @@ class DeadLetterQueue:
             if reason is None:
                 return
             source = "worker" if worker_request is not None else "trace"
+            unrecovered: list[str] = []
             try:
                 if worker_request is not None:
                     doc = message_from_kombu(worker_request.message)
@@ -206,6 +207,7 @@ class DeadLetterQueue:
                     doc = message_from_context(task, ctx, args, kwargs)
                 else:
                     doc = minimal_message(task, task_id, args, kwargs)
+                    unrecovered = ["queue", *BACKSTOP_UNRECOVERED]
             except Exception as exc:
                 # Arguments the serializer refuses: keep the failure, say what is missing.
                 logger.error("celery_dlq: the message of %s[%s] cannot be rebuilt (%s); "
@@ -213,11 +215,13 @@ class DeadLetterQueue:
                 doc = minimal_message(task, task_id, (), {})
                 doc["headers"]["argsrepr"] = getattr(ctx, "argsrepr", None) if in_context else None
                 doc["headers"]["dlq_unrebuildable"] = f"{type(exc).__name__}: {exc}"
+                unrecovered = ["queue", *BACKSTOP_UNRECOVERED, "args", "kwargs"]
             entry = entry_from_message(
                 doc, reason=reason, source=source, exc=exception,
                 traceback=getattr(einfo, "traceback", None), retries=retries,
                 worker=getattr(ctx, "hostname", None) or _hostname(), max_retries=retry_limit(task),
             )
+            entry.unrecovered = unrecovered
         except Exception:
             logger.critical("celery_dlq: could not build a DLQ entry for task %s[%s]",
                             getattr(task, "name", "?"), task_id, exc_info=True)

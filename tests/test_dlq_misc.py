@@ -366,8 +366,9 @@ def test_a_failure_whose_arguments_cannot_be_serialized_is_still_captured(pg_url
     takes_object.apply((object(),))
     [row] = DLQ(app).list().rows
     assert row["task_name"] == "proj.takes_object" and row["reason"] == "non_retryable"
-    headers = json.loads(DLQ(app).show(row["id"])["message"])["headers"]
-    assert "dlq_unrebuildable" in headers
+    shown = DLQ(app).show(row["id"])
+    assert "dlq_unrebuildable" in json.loads(shown["message"])["headers"]
+    assert shown["unrecovered"][-2:] == ["args", "kwargs"] and "headers" in shown["unrecovered"]
     app._celery_dlq.close()
 
 

@@ -439,6 +439,8 @@ def relink(message: str, dlq_id: int, *, keep_retries: bool = False, keep_expire
         headers["retries"] = 0
     if not keep_expires:
         headers.pop("expires", None)
+        if isinstance(doc.get("properties"), dict):  # the broker-level TTL Celery derives from it
+            doc["properties"].pop("expiration", None)
     return json.dumps(doc)
 
 

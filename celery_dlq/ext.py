@@ -233,7 +233,8 @@ class DeadLetterQueue:
         ``requeued`` forever (no failure, no success follows), so it is ``dead`` again."""
         if not self._ours(sender) or request is None:
             return
-        what = "expired on arrival" if expired else "terminated while running" if terminated else "revoked on arrival"
+        what = ("expired on arrival" if expired else "terminated while running" if terminated
+                else "revoked on arrival")
         # The request is the task's Context: its attributes are the message headers.
         self._requeue_undone(_dlq_id(vars(request)), getattr(request, "id", None), what)
 
@@ -244,7 +245,8 @@ class DeadLetterQueue:
         if message is None or getattr(getattr(sender, "app", None), "_celery_dlq", None) is not self:
             return
         headers = getattr(message, "headers", None)
-        self._requeue_undone(_dlq_id(headers), (headers or {}).get("id"), "discarded by the worker on arrival")
+        headers = headers if isinstance(headers, dict) else {}
+        self._requeue_undone(_dlq_id(headers), headers.get("id"), "discarded by the worker on arrival")
 
     def _requeue_undone(self, dlq_id: int | None, task_id: str | None, what: str) -> None:
         if dlq_id is None:
@@ -371,7 +373,8 @@ class DeadLetterQueue:
                                                  s.backstop_grace, after)
                 for row in rows:
                     task = self.app.tasks.get(row[1])
-                    entry = entry_from_result(row[:-1], s, accept, max_retries=getattr(task, "max_retries", None))
+                    entry = entry_from_result(row[:-1], s, accept,
+                                              max_retries=getattr(task, "max_retries", None))
                     if entry is not None and store.capture_if_absent(entry, failed_at=row[-1]) is not None:
                         swept += 1
                 if len(rows) < limit:
@@ -383,9 +386,9 @@ class DeadLetterQueue:
         return swept
 
 
-def _dlq_id(headers: Any) -> int | None:
+def _dlq_id(headers: dict) -> int | None:
     """The ``dlq_id`` header of a requeued message, or None."""
-    value = headers.get(DLQ_ID_HEADER) if isinstance(headers, dict) else None
+    value = headers.get(DLQ_ID_HEADER)
     try:
         return None if value is None else int(value)
     except (TypeError, ValueError):
@@ -419,7 +422,8 @@ def guard_retry(task, dlq: DeadLetterQueue) -> None:
     original = task.retry
 
     def retry(*args, **kwargs):
-        if getattr(task, "retry_backoff", False) and len(args) < 5 and kwargs.get("countdown") is None and kwargs.get("eta") is None:
+        when_given = len(args) > 4 or kwargs.get("countdown") is not None or kwargs.get("eta") is not None
+        if getattr(task, "retry_backoff", False) and not when_given:
             kwargs["countdown"] = policy_countdown(task)
         exc = kwargs.get("exc", args[2] if len(args) > 2 else None)
         if exc is not None:
@@ -554,8 +558,8 @@ def entry_from_result(row, settings: config.Settings | None, accept: Collection[
         message=json.dumps(doc, default=str), reason=reason, source="backstop", task_id=task_id, task_name=name, queue=queue, exchange=None,
         routing_key=queue, exception_type=exc_type, exception_message=exc_message,
         traceback=traceback, retries=retries or 0, worker=worker, max_retries=max_retries,
-        unrecovered=list(BACKSTOP_UNRECOVERED) + [name for name, ok in (("args", args_ok), ("kwargs", kwargs_ok))
-                                                  if not ok],
+        unrecovered=[*BACKSTOP_UNRECOVERED, *(name for name, ok in (("args", args_ok), ("kwargs", kwargs_ok))
+                                              if not ok)],
     )
 
 

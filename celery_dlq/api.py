@@ -79,8 +79,13 @@ class DLQ:
         return self._store().matching_ids(filters)
 
     def requeue(self, ids: Iterable[int] | None = None, *, filters: Mapping[str, Any] | None = None,
-                note: str | None = None, dry_run: bool = False, force: bool = False) -> List[RequeueResult]:
-        """Send entries back to their queue.  Unknown ids give ``requeued=False, 'not found'``."""
+                note: str | None = None, dry_run: bool = False, force: bool = False,
+                keep_retries: bool = False, keep_expires: bool = False) -> List[RequeueResult]:
+        """Send entries back to their queue.  Unknown ids give ``requeued=False, 'not found'``.
+
+        The requeued task gets its full retry budget again (``retries`` 0) and no expiry,
+        unless ``keep_retries`` / ``keep_expires`` keep the stored values.
+        """
         targets = self._targets(ids, filters)
         results = []
         for dlq_id in targets:
@@ -93,7 +98,8 @@ class DLQ:
                 results.append(self._would_requeue(row, force))
                 continue
             try:
-                results.append(self.requeue_one(dlq_id, note=note, force=force))
+                results.append(self.requeue_one(dlq_id, note=note, force=force, keep_retries=keep_retries,
+                                                keep_expires=keep_expires))
             except NotFound:
                 results.append(RequeueResult(dlq_id, False, "not found"))
             except Exception as exc:  # one bad entry or a broker error must not hide the rest
@@ -116,14 +122,17 @@ class DLQ:
                                  job_outcome="replaced", replaced_task_id=waiting)
         return RequeueResult(row["id"], True, "would requeue")
 
-    def requeue_one(self, dlq_id: int, *, note: str | None = None, force: bool = False) -> RequeueResult:
+    def requeue_one(self, dlq_id: int, *, note: str | None = None, force: bool = False,
+                    keep_retries: bool = False, keep_expires: bool = False) -> RequeueResult:
         """Requeue one entry.  A forced requeue that replaced a waiting task with the same job
         key marks that task REVOKED in the result backend: it will never run."""
         store = self._store()
         if self.settings.atomic:
-            result = store.requeue_to_broker(dlq_id, note=note, force=force)
+            result = store.requeue_to_broker(dlq_id, note=note, force=force, keep_retries=keep_retries,
+                                             keep_expires=keep_expires)
         else:
-            result = self._requeue_send_task(dlq_id, note=note, force=force)
+            result = self._requeue_send_task(dlq_id, note=note, force=force, keep_retries=keep_retries,
+                                             keep_expires=keep_expires)
         if result.replaced_task_id:
             try:
                 mark_replaced(self.app, result.replaced_task_id, store.get(dlq_id)["task_id"])
@@ -133,7 +142,8 @@ class DLQ:
                 result.detail += f" (not marked revoked: {type(exc).__name__}: {exc})"
         return result
 
-    def _requeue_send_task(self, dlq_id: int, *, note: str | None, force: bool) -> RequeueResult:
+    def _requeue_send_task(self, dlq_id: int, *, note: str | None, force: bool, keep_retries: bool,
+                           keep_expires: bool) -> RequeueResult:
         """Another broker: publish with send_task; success means the message was published.
 
         send_task needs the decoded call: a body whose content type the app does not accept
@@ -159,7 +169,8 @@ class DLQ:
         h = call["headers"]
         embed = call["embed"] or {}
         options = dict(
-            task_id=h.get("id"), headers=headers, retries=h.get("retries") or 0,
+            task_id=h.get("id"), headers=headers, retries=(h.get("retries") or 0) if keep_retries else 0,
+            expires=h.get("expires") if keep_expires else None,
             root_id=h.get("root_id"), parent_id=h.get("parent_id"), group_id=h.get("group"),
             group_index=h.get("group_index"), shadow=h.get("shadow"),
             link=embed.get("callbacks"), link_error=embed.get("errbacks"),

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+from datetime import datetime, timezone
 from typing import Any
 
 from celery.exceptions import MaxRetriesExceededError, Reject
 from kombu.serialization import dumps as kombu_dumps
+
+from kombu_pg.store.broker import JOB_KEY_HEADER
 
 from .config import Settings
 from .store import Entry
@@ -23,6 +26,9 @@ class NonRetryable(Exception):
 
 #: The kombu-pg message header naming a serial key (kombu_pg.transport.SERIAL_KEY_HEADER).
 SERIAL_KEY_HEADER = "serial_key"
+#: The time a message was first published, set by ``install()``'s ``before_task_publish``
+#: handler; Celery's retries and celery_dlq's requeues carry the headers, so it stays.
+PUBLISHED_HEADER = "dlq_published_at"
 
 # Protocol 2 header names (celery.app.amqp.as_task_v2); everything else is custom.
 CELERY_HEADERS = (
@@ -48,11 +54,30 @@ def classify(task, exc: BaseException, retries: int, settings: Settings) -> str 
         return "retries_exhausted"
     if is_non_retryable(exc, settings):
         return "non_retryable"
-    limit = getattr(task, "override_max_retries", getattr(task, "max_retries", None))
+    limit = retry_limit(task)
     autoretry = tuple(getattr(task, "autoretry_for", ()) or ())
     if limit is not None and retries >= limit and (retries > 0 or (autoretry and isinstance(exc, autoretry))):
         return "retries_exhausted"
     return "non_retryable" if settings.capture_unclassified else None
+
+
+def retry_limit(task) -> int | None:
+    """The retry limit in force for the current run (autoretry's override included)."""
+    return getattr(task, "override_max_retries", getattr(task, "max_retries", None))
+
+
+def stamp_published(headers: dict | None = None, **kwargs) -> None:
+    """``before_task_publish``: remember when the message was first published."""
+    if isinstance(headers, dict):
+        headers.setdefault(PUBLISHED_HEADER, datetime.now(timezone.utc).isoformat())
+
+
+def published_at(headers: dict) -> datetime | None:
+    value = headers.get(PUBLISHED_HEADER)
+    try:
+        return datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
 
 
 def exception_type(exc: BaseException) -> str:
@@ -123,7 +148,7 @@ def message_from_context(task, request, args, kwargs) -> dict:
 
 def entry_from_message(doc: dict, *, reason: str, source: str, exc: BaseException | None,
                        traceback: str | None, worker: str | None, serial_key: str | None = None,
-                       retries: int | None = None) -> Entry:
+                       retries: int | None = None, max_retries: int | None = None) -> Entry:
     headers = doc.get("headers") or {}
     props = doc.get("properties") or {}
     info = props.get("delivery_info") or {}
@@ -143,6 +168,9 @@ def entry_from_message(doc: dict, *, reason: str, source: str, exc: BaseExceptio
         traceback=traceback,
         retries=retries if retries is not None else _int(headers.get("retries")),
         worker=worker,
+        max_retries=max_retries,
+        published_at=published_at(headers),
+        job_key=_text(headers.get(JOB_KEY_HEADER)),
     )
 
 

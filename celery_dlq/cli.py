@@ -46,6 +46,7 @@ def filter_options(fn):
     options = [
         click.option("--task", help="Task name (exact)."),
         click.option("--queue", help="Queue (or routing key) the message came from."),
+        click.option("--job-key", help="Job key of the message (exact)."),
         click.option("--reason", type=click.Choice(REASONS), help="Why it is in the DLQ."),
         click.option("--exception", help="Exception type, e.g. myapp.errors.PaymentDeclined."),
         click.option("--status", type=click.Choice(STATUSES), help="dead, requeued or resolved."),
@@ -58,7 +59,8 @@ def filter_options(fn):
 
 
 def _filters(kwargs) -> dict:
-    return {k: kwargs.pop(k) for k in ("task", "queue", "reason", "exception", "status", "since", "until")
+    return {k: kwargs.pop(k) for k in ("task", "queue", "job_key", "reason", "exception", "status", "since",
+                                       "until")
             if kwargs.get(k) is not None}
 
 
@@ -160,14 +162,19 @@ def show(ctx, dlq_id, as_json):
 @click.option("--force", is_flag=True, help="Also entries already requeued or resolved, and replace a "
               "waiting task with the same job key (it is marked revoked).")
 @click.option("--dry-run", is_flag=True, help="Say what would be requeued, change nothing.")
+@click.option("--keep-retries", is_flag=True, help="Keep the retries already made (default: the task gets "
+              "its full retry budget again).")
+@click.option("--keep-expires", is_flag=True, help="Keep the stored expiry time (default: cleared, so the "
+              "task is not revoked as expired on arrival).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def requeue(ctx, ids, note, force, dry_run, as_json, **kwargs):
+def requeue(ctx, ids, note, force, dry_run, keep_retries, keep_expires, as_json, **kwargs):
     """Send entries back to their queue (ids, or every entry matching the filters)."""
     filters = _filters(kwargs)
 
     def run(api):
-        results = api.requeue(ids or None, filters=filters or None, note=note, dry_run=dry_run, force=force)
+        results = api.requeue(ids or None, filters=filters or None, note=note, dry_run=dry_run, force=force,
+                              keep_retries=keep_retries, keep_expires=keep_expires)
         _emit([r.__dict__ for r in results], as_json,
               "\n".join(f"{r.id}: {r.detail}" for r in results) or "nothing matched")
         if any(r.detail.startswith("error:") for r in results):

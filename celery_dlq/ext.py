@@ -17,6 +17,7 @@ from typing import Any, Collection
 import psycopg
 from celery import signals
 from celery.utils.serialization import raise_with_context
+from celery.utils.time import get_exponential_backoff_interval
 from kombu.serialization import dumps as kombu_dumps, loads as kombu_loads
 
 from kombu_pg.config import build_conninfo
@@ -26,7 +27,7 @@ from kombu_pg.store.connect import ProcessConnection
 from . import config
 from .capture import (
     NonRetryable, classify, entry_from_message, is_non_retryable, message_from_context,
-    message_from_kombu,
+    message_from_kombu, retry_limit, stamp_published,
 )
 from .content import accepted_content, is_accepted
 from .store import DLQ_ID_HEADER, DLQStore, Entry
@@ -118,11 +119,41 @@ class DeadLetterQueue:
                 self.reset_connection()
                 error = exc
                 break
-        logger.critical(
-            "celery_dlq: DLQ WRITE FAILED for task %s[%s] (%s: %s): %s. The failure is not "
-            "lost if the result backend stored it: the backstop sweep (%s, `celery dlq reap`) "
-            "captures FAILURE results missing from the DLQ.",
-            entry.task_name, entry.task_id, entry.reason, entry.exception_type, error, REAP_TASK)
+        unmet = self.backstop_unmet(entry.task_name)
+        recovery = (f"The backstop sweep will NOT recover it: {unmet}." if unmet else
+                    f"The backstop sweep ({REAP_TASK}, `celery dlq reap`, worker start) will recover it "
+                    "from its FAILURE result.")
+        logger.critical("celery_dlq: DLQ WRITE FAILED for task %s[%s] (%s: %s): %s. %s",
+                        entry.task_name, entry.task_id, entry.reason, entry.exception_type,
+                        " ".join(str(error).split()), recovery)  # one line: a log search finds it whole
+        return None
+
+    def backstop_unmet(self, task_name: str | None = None) -> str | None:
+        """Why the backstop sweep cannot recover a failure (of ``task_name``), or None.
+
+        The sweep reads FAILURE results from the kombu-pg result backend in the DLQ's
+        schema, and only those stored with ``result_extended`` (the task name).
+        """
+        s = self.settings
+        if s.backstop_window <= 0:
+            return "it is off (dlq_backstop_window = 0)"
+        conf = self.app.conf
+        if not conf.result_extended:
+            return "set result_extended = True, so FAILURE results keep the task name the sweep needs"
+        try:
+            from kombu_pg.backend import PostgresBackend
+
+            backend = self.app.backend
+        except Exception as exc:  # a backend that cannot even be built stores nothing
+            return f"the result backend is unavailable ({type(exc).__name__})"
+        if not isinstance(backend, PostgresBackend):
+            return f"the result backend is {type(backend).__name__}, not kombu-pg's (result_backend)"
+        if backend.schema != s.schema:
+            return (f"the result backend's schema {backend.schema!r} is not the DLQ's {s.schema!r} "
+                    "(result_backend_transport_options, dlq_schema)")
+        task = self.app.tasks.get(task_name) if task_name else None
+        if task is not None and task.ignore_result and not task.store_errors_even_if_ignored:
+            return f"task {task_name} ignores its result (ignore_result, store_errors_even_if_ignored)"
         return None
 
     # -- signal handlers ------------------------------------------------------------------
@@ -175,6 +206,7 @@ class DeadLetterQueue:
             if reason is None:
                 return
             source = "worker" if worker_request is not None else "trace"
+            unrecovered: list[str] = []
             try:
                 if worker_request is not None:
                     doc = message_from_kombu(worker_request.message)
@@ -182,6 +214,7 @@ class DeadLetterQueue:
                     doc = message_from_context(task, ctx, args, kwargs)
                 else:
                     doc = minimal_message(task, task_id, args, kwargs)
+                    unrecovered = ["queue", *BACKSTOP_UNRECOVERED]
             except Exception as exc:
                 # Arguments the serializer refuses: keep the failure, say what is missing.
                 logger.error("celery_dlq: the message of %s[%s] cannot be rebuilt (%s); "
@@ -189,16 +222,54 @@ class DeadLetterQueue:
                 doc = minimal_message(task, task_id, (), {})
                 doc["headers"]["argsrepr"] = getattr(ctx, "argsrepr", None) if in_context else None
                 doc["headers"]["dlq_unrebuildable"] = f"{type(exc).__name__}: {exc}"
+                unrecovered = ["queue", *BACKSTOP_UNRECOVERED, "args", "kwargs"]
             entry = entry_from_message(
                 doc, reason=reason, source=source, exc=exception,
                 traceback=getattr(einfo, "traceback", None), retries=retries,
-                worker=getattr(ctx, "hostname", None) or _hostname(),
+                worker=getattr(ctx, "hostname", None) or _hostname(), max_retries=retry_limit(task),
             )
+            entry.unrecovered = unrecovered
         except Exception:
             logger.critical("celery_dlq: could not build a DLQ entry for task %s[%s]",
                             getattr(task, "name", "?"), task_id, exc_info=True)
             return
         self.write(entry)
+
+    def on_task_revoked(self, sender=None, request=None, terminated=False, expired=False, **kwargs) -> None:
+        """A requeued task revoked or expired in the worker: its row would stay
+        ``requeued`` forever (no failure, no success follows), so it is ``dead`` again."""
+        if not self._ours(sender) or request is None:
+            return
+        what = ("expired on arrival" if expired else "terminated while running" if terminated
+                else "revoked on arrival")
+        # The request is the task's Context: its attributes are the message headers.
+        self._requeue_undone(_dlq_id(vars(request)), getattr(request, "id", None), what)
+
+    def on_task_discarded(self, sender=None, message=None, **kwargs) -> None:
+        """The worker discarded a requeued message it cannot run (unknown task, invalid
+        message).  On kombu-pg the broker's reject recorded the failure first; this is a
+        no-op then (the row is already ``dead``)."""
+        if message is None or getattr(getattr(sender, "app", None), "_celery_dlq", None) is not self:
+            return
+        headers = getattr(message, "headers", None)
+        headers = headers if isinstance(headers, dict) else {}
+        self._requeue_undone(_dlq_id(headers), headers.get("id"), "discarded by the worker on arrival")
+
+    def _requeue_undone(self, dlq_id: int | None, task_id: str | None, what: str) -> None:
+        if dlq_id is None:
+            return
+        try:
+            with self._lock:
+                undone = self.store().requeue_undone(
+                    dlq_id, f"requeued task {task_id} {what}: no result, back to dead")
+        except Exception:
+            self.reset_connection()
+            logger.error("celery_dlq: could not mark DLQ entry %s dead again (its requeued task %s was %s)",
+                         dlq_id, task_id, what, exc_info=True)
+            return
+        if undone:
+            logger.warning("celery_dlq: requeued task %s was %s; DLQ entry %s is dead again",
+                           task_id, what, dlq_id)
 
     def on_task_success(self, sender=None, **kwargs) -> None:
         """A requeued message (it carries the dlq_id header) succeeded: resolve its row."""
@@ -249,6 +320,10 @@ class DeadLetterQueue:
         if not settings.enabled:
             self.warn_unrecoverable("worker start")
             return
+        unmet = self.backstop_unmet()
+        if unmet and settings.backstop_window > 0:
+            logger.warning("celery_dlq: the backstop sweep is enabled (dlq_backstop_window=%s) but cannot "
+                           "recover a failed DLQ write: %s.", settings.backstop_window, unmet)
         if settings.reap_at_worker_start:
             report = self.reap(recover=True)
             logger.warning("celery_dlq: start-up capture: %d exhausted message(s) moved to the DLQ, "
@@ -316,7 +391,9 @@ class DeadLetterQueue:
                 rows = store.backstop_candidates(s.backstop_window, limit, sorted(s.excluded_tasks),
                                                  s.backstop_grace, after)
                 for row in rows:
-                    entry = entry_from_result(row[:-1], s, accept)
+                    task = self.app.tasks.get(row[1])
+                    entry = entry_from_result(row[:-1], s, accept,
+                                              max_retries=getattr(task, "max_retries", None))
                     if entry is not None and store.capture_if_absent(entry, failed_at=row[-1]) is not None:
                         swept += 1
                 if len(rows) < limit:
@@ -326,6 +403,15 @@ class DeadLetterQueue:
         if swept:
             logger.warning("celery_dlq: backstop sweep captured %d failure(s) missing from the DLQ", swept)
         return swept
+
+
+def _dlq_id(headers: dict) -> int | None:
+    """The ``dlq_id`` header of a requeued message, or None."""
+    value = headers.get(DLQ_ID_HEADER)
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _is_disconnect(exc: BaseException) -> bool:
@@ -340,15 +426,24 @@ def _hostname() -> str:
 
 
 def guard_retry(task, dlq: DeadLetterQueue) -> None:
-    """Make ``task.retry(exc=...)`` re-raise non-retryable errors instead of retrying.
+    """Make ``task.retry(exc=...)`` re-raise non-retryable errors instead of retrying, and
+    give a hand-written ``self.retry()`` the task's backoff policy.
 
     Celery's autoretry (``autoretry_for``) and hand-written ``self.retry(exc=exc)`` both
     go through ``task.retry``; a non-retryable exception then fails the task on its first
     run, so no retry is burned and ``task_failure`` sends it to the DLQ.
+
+    Celery applies ``retry_backoff`` / ``retry_jitter`` (a :func:`retry_policy` preset)
+    only to autoretry; a bare ``self.retry()`` would wait ``default_retry_delay`` (180 s).
+    With ``retry_backoff`` set and neither ``countdown`` nor ``eta`` given, the countdown
+    is computed exactly as autoretry does.
     """
     original = task.retry
 
     def retry(*args, **kwargs):
+        when_given = len(args) > 4 or kwargs.get("countdown") is not None or kwargs.get("eta") is not None
+        if getattr(task, "retry_backoff", False) and not when_given:
+            kwargs["countdown"] = policy_countdown(task)
         exc = kwargs.get("exc", args[2] if len(args) > 2 else None)
         if exc is not None:
             try:
@@ -361,6 +456,15 @@ def guard_retry(task, dlq: DeadLetterQueue) -> None:
 
     task.retry = retry
     task._dlq_guarded = True
+
+
+def policy_countdown(task) -> int:
+    """The delay before the next retry under the task's ``retry_backoff`` policy (Celery's
+    autoretry formula: ``min(retry_backoff_max, retry_backoff * 2**retries)``, full jitter
+    with ``retry_jitter``)."""
+    return get_exponential_backoff_interval(
+        factor=int(max(1.0, float(task.retry_backoff))), retries=task.request.retries or 0,
+        maximum=int(getattr(task, "retry_backoff_max", 600)), full_jitter=getattr(task, "retry_jitter", True))
 
 
 def minimal_message(task, task_id, args, kwargs) -> dict:
@@ -422,10 +526,18 @@ def _loaded_class(module: str | None, name: str | None) -> type | None:
     return cls if isinstance(cls, type) and issubclass(cls, BaseException) else None
 
 
-def entry_from_result(row, settings: config.Settings | None, accept: Collection[str]) -> Entry | None:
+#: What the result backend does not keep, so a backstop entry cannot have it: the
+#: exchange, priority, serial and job keys, first publish time, every header but task, id
+#: and retries (custom ones included), and the links (callbacks, errbacks, chain, chord).
+BACKSTOP_UNRECOVERED = ("exchange", "priority", "serial_key", "job_key", "published_at", "headers", "links")
+
+
+def entry_from_result(row, settings: config.Settings | None, accept: Collection[str],
+                      max_retries: int | None = None) -> Entry | None:
     """A DLQ entry rebuilt from a FAILURE row of the result backend (backstop sweep);
     None when the DLQ rules would not have captured that failure.  Columns are decoded
-    only with ``accept`` (the app's result_accept_content)."""
+    only with ``accept`` (the app's result_accept_content).  ``unrecovered`` lists the
+    message fields it lacks."""
     (task_id, name, queue, retries, worker, content_type, content_encoding, result, traceback,
      args, kwargs) = row
     _, meta = _decode(result, content_type, content_encoding, accept)
@@ -464,7 +576,9 @@ def entry_from_result(row, settings: config.Settings | None, accept: Collection[
     return Entry(
         message=json.dumps(doc, default=str), reason=reason, source="backstop", task_id=task_id, task_name=name, queue=queue, exchange=None,
         routing_key=queue, exception_type=exc_type, exception_message=exc_message,
-        traceback=traceback, retries=retries or 0, worker=worker,
+        traceback=traceback, retries=retries or 0, worker=worker, max_retries=max_retries,
+        unrecovered=[*BACKSTOP_UNRECOVERED, *(name for name, ok in (("args", args_ok), ("kwargs", kwargs_ok))
+                                              if not ok)],
     )
 
 
@@ -479,6 +593,11 @@ def install(app) -> DeadLetterQueue:
     signals.task_prerun.connect(dlq.on_task_prerun, weak=False)
     signals.task_failure.connect(dlq.on_task_failure, weak=False)
     signals.task_success.connect(dlq.on_task_success, weak=False)
+    signals.task_revoked.connect(dlq.on_task_revoked, weak=False)
+    signals.task_unknown.connect(dlq.on_task_discarded, weak=False)
+    signals.task_rejected.connect(dlq.on_task_discarded, weak=False)
+    # Connected once for the process: several installed apps all stamp the same header.
+    signals.before_task_publish.connect(stamp_published, weak=False, dispatch_uid="celery_dlq.published")
     signals.worker_init.connect(dlq.on_worker_init, weak=False)
     signals.worker_process_init.connect(dlq.on_worker_process_init, weak=False)
 

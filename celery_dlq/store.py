@@ -27,7 +27,8 @@ QUEUE_KINDS = ("parallel", "serial")
 #: The header linking a requeued message to its DLQ row.
 DLQ_ID_HEADER = "dlq_id"
 #: Filters accepted by list/count/bulk operations; anything else is refused.
-FILTER_KEYS = frozenset({"task", "queue", "reason", "exception", "status", "since", "until", "ids"})
+FILTER_KEYS = frozenset({"task", "queue", "job_key", "reason", "exception", "status", "since", "until",
+                         "ids"})
 MAX_PAGE = 1000
 
 
@@ -62,6 +63,13 @@ class Entry:
     traceback: str | None = None
     retries: int = 0
     worker: str | None = None
+    #: The task's retry limit when it failed (None: unknown).
+    max_retries: int | None = None
+    #: When the original message was published (None: unknown).
+    published_at: datetime | None = None
+    job_key: str | None = None
+    #: Message fields this capture could not recover (the backstop sweep's entries).
+    unrecovered: list[str] = field(default_factory=list)
 
     def params(self) -> dict:
         if self.reason not in REASONS:
@@ -74,6 +82,8 @@ class Entry:
             "exception_message": _clip(self.exception_message, 10_000),
             "traceback": _clip(self.traceback, 100_000), "message": self.message,
             "retries": int(self.retries or 0), "source": self.source, "worker": self.worker,
+            "max_retries": self.max_retries, "published_at": self.published_at, "job_key": self.job_key,
+            "unrecovered": list(self.unrecovered),
         }
 
 
@@ -110,13 +120,14 @@ class RequeueResult:
 _LIST_COLUMNS = (
     "id", "task_id", "task_name", "queue", "reason", "exception_type", "exception_message",
     "status", "retries", "failure_count", "delivery_count", "source", "first_failed_at",
-    "last_failed_at", "requeue_count",
+    "last_failed_at", "requeue_count", "job_key",
 )
 _GET_COLUMNS = (
     "id", "task_id", "task_name", "queue", "exchange", "routing_key", "priority", "serial_key",
     "reason", "exception_type", "exception_message", "traceback", "message", "retries",
     "delivery_count", "failure_count", "status", "notes", "source", "broker_message_id",
     "worker", "first_failed_at", "last_failed_at", "requeue_count", "requeued_at", "resolved_at",
+    "max_retries", "published_at", "job_key", "unrecovered",
 )
 
 
@@ -302,6 +313,11 @@ class DLQStore:
         row = self._exec("resolve", {"id": dlq_id, "task_id": task_id}).fetchone()
         return row[0] if row else None
 
+    def requeue_undone(self, dlq_id: int, note: str) -> bool:
+        """The requeued message was revoked, expired or discarded on arrival: the row is
+        ``dead`` again with ``note``.  False when the row was not ``requeued``."""
+        return self._exec("requeue_undone", {"id": dlq_id, "note": note}).fetchone() is not None
+
     def mark_requeued(self, dlq_id: int, note: str | None = None, seen_failures: int | None = None) -> None:
         """Record a requeue.  With ``seen_failures`` (the failure_count read before
         publishing) a failure of the new run captured meanwhile keeps the row 'dead'."""
@@ -319,12 +335,14 @@ class DLQStore:
         return dict(zip(("id", "task_id", "task_name", "queue", "exchange", "routing_key", "priority",
                          "serial_key", "message", "status", "source"), row))
 
-    def requeue_to_broker(self, dlq_id: int, *, note: str | None = None, force: bool = False) -> RequeueResult:
+    def requeue_to_broker(self, dlq_id: int, *, note: str | None = None, force: bool = False,
+                          keep_retries: bool = False, keep_expires: bool = False) -> RequeueResult:
         """Requeue onto the kombu-pg broker in the same database, in ONE transaction.
 
         The row is locked first, so two concurrent requeues of one row enqueue once.  The
-        message is the stored Kombu message unchanged except for the ``dlq_id`` header
-        linking it to this row; it goes back to its original queue (rows taken from the
+        message is the stored Kombu message with the ``dlq_id`` header linking it to this
+        row and, unless kept, its retry budget restored and its ``expires`` cleared (see
+        :func:`relink`); it goes back to its original queue (rows taken from the
         broker) or is routed by its original exchange and routing key (signal captures).
 
         A message with a job key keeps it.  If another task with that key is waiting, the
@@ -339,7 +357,7 @@ class DLQStore:
                 raise NotFound(f"no DLQ entry with id {dlq_id}")
             if row["status"] != "dead" and not force:
                 return RequeueResult(dlq_id, False, f"already {row['status']}", refused=REFUSED_STATUS)
-            payload = relink(row["message"], dlq_id)
+            payload = relink(row["message"], dlq_id, keep_retries=keep_retries, keep_expires=keep_expires)
             job_key = job_key_of(payload)
             if job_key is not None:  # job keys only ever travel through the default exchange
                 return self._requeue_job(broker, row, payload, job_key, note=note, force=force)
@@ -405,13 +423,24 @@ def job_requeue_result(dlq_id: int, published: JobPublish, job_key: str, task_id
                          replaced_task_id=replaced)
 
 
-def relink(message: str, dlq_id: int) -> str:
-    """The stored message, unchanged but for the ``dlq_id`` header that links it to its row."""
+def relink(message: str, dlq_id: int, *, keep_retries: bool = False, keep_expires: bool = False) -> str:
+    """The stored message with the ``dlq_id`` header that links it to its row.
+
+    A requeue is a fresh start: the ``retries`` header goes back to 0 (the task gets its
+    whole retry budget again) and ``expires`` is dropped (a stored expiry time has usually
+    passed, and the worker would revoke the task on arrival), unless kept.
+    """
     doc = json.loads(message)
     headers = doc.get("headers")
     if not isinstance(headers, dict):
         headers = doc["headers"] = {}
     headers[DLQ_ID_HEADER] = dlq_id
+    if not keep_retries and "retries" in headers:
+        headers["retries"] = 0
+    if not keep_expires:
+        headers.pop("expires", None)
+        if isinstance(doc.get("properties"), dict):  # the broker-level TTL Celery derives from it
+            doc["properties"].pop("expiration", None)
     return json.dumps(doc)
 
 

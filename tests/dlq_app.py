@@ -96,6 +96,12 @@ def make_app(url: str, schema: str, **conf) -> Celery:
         record(self)
         raise self.retry(countdown=0)
 
+    @app.task(bind=True, shared=False, name="dlq_app.manual_policy", **retry_policy("fast", jitter=False))
+    def manual_policy(self, x):
+        """Calls self.retry() itself: the preset's backoff applies, not default_retry_delay."""
+        record(self)
+        raise self.retry(exc=Flaky(f"still down ({x})"))
+
     @app.task(bind=True, shared=False, name="dlq_app.rejecting", acks_late=True)
     def rejecting(self, x):
         record(self)

@@ -181,3 +181,20 @@ def test_reap_loop_runs_at_once_and_stops_on_sigterm(env):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_requeue_keep_retries_option(env):
+    """``--keep-retries`` keeps the stored retry count; without it the message gets 0."""
+    task_id = str(uuid.uuid4())
+    row_id = env["store"].capture(Entry(
+        message=kombu_message(task_id, "proj.a", retries=2), reason="retries_exhausted", source="signal",
+        task_id=task_id, task_name="proj.a", queue="celery", exchange="", routing_key="celery"))[0]
+
+    def queued_retries():
+        payloads = env["conn"].execute(sql.SQL("SELECT payload FROM {}.messages ORDER BY id").format(
+            sql.Identifier(env["schema"]))).fetchall()
+        return [json.loads(p)["headers"]["retries"] for (p,) in payloads]
+
+    assert cli(env, "requeue", str(row_id)).exit_code == EXIT_OK
+    assert cli(env, "requeue", str(row_id), "--force", "--keep-retries").exit_code == EXIT_OK
+    assert queued_retries() == [0, 2]

@@ -408,3 +408,30 @@ def test_the_serve_command(env):
         env={**os.environ, "KOMBU_PG_URL": "postgresql://postgres@127.0.0.1:1/nope", "DLQ_SCHEMA": env.schema,
              "PYTHONPATH": str(tests_dir)})
     assert proc.returncode == 1 and "error:" in proc.stderr
+
+
+def test_requeue_body_keeps_retries_and_expires_on_request(env, http):
+    """The requeue body's keep_retries / keep_expires: without them the message goes back
+    with retries 0 and no expires; with them, as stored."""
+    expires = "2001-01-01T00:00:00+00:00"
+
+    def add() -> int:
+        task_id = str(uuid.uuid4())
+        return env.store.capture(Entry(
+            message=kombu_message(task_id, "proj.a", retries=3, extra_headers={"expires": expires}),
+            reason="retries_exhausted", source="signal", task_id=task_id, task_name="proj.a", queue="celery",
+            exchange="", routing_key="celery"))[0]
+
+    fresh, kept = add(), add()
+    assert request(f"{http}/api/entries/{fresh}/requeue", "POST", {})[0] == 200
+    status, _, body = request(f"{http}/api/requeue", "POST",
+                              {"ids": [kept], "keep_retries": True, "keep_expires": True})
+    assert status == 200 and body["requeued"] == 1, body
+    headers = {}
+    for (payload,) in env.conn.execute(sql.SQL("SELECT payload FROM {}.messages").format(
+            sql.Identifier(env.schema))):
+        h = json.loads(payload)["headers"]
+        headers[h["dlq_id"]] = h
+    assert (headers[fresh]["retries"], "expires" in headers[fresh]) == (0, False)
+    assert (headers[kept]["retries"], headers[kept]["expires"]) == (3, expires)
+    assert request(f"{http}/api/entries/{fresh}/requeue", "POST", {"keep_retry": True})[0] == 400

@@ -191,6 +191,38 @@ def test_requeue_with_another_broker_publishes_and_survives_bookkeeping_failure(
     api.close()
 
 
+def test_requeue_with_another_broker_restores_retries_and_clears_expires_unless_kept(pg_url, schema):
+    """send_task path: a requeue publishes retries 0 and no expires, or the stored values
+    with keep_retries / keep_expires."""
+    app = Celery("other", broker="memory://", set_as_current=False)
+    app.conf.update(dlq_database_url=pg_url, dlq_schema=schema)
+    api = DLQ(app)
+    queue, expires = f"q-{uuid.uuid4().hex}", "2001-01-01T00:00:00+00:00"
+
+    def add() -> int:
+        task_id = str(uuid.uuid4())
+        return api.runtime.store().capture(Entry(
+            message=kombu_message(task_id, "proj.add", retries=3, extra_headers={"expires": expires}),
+            reason="retries_exhausted", source="signal", task_id=task_id, task_name="proj.add", queue=queue,
+            exchange="", routing_key=queue))[0]
+
+    fresh, kept = add(), add()
+    with app.connection_for_write() as conn:
+        conn.SimpleQueue(queue).close()
+    assert api.requeue([fresh])[0].requeued
+    assert api.requeue([kept], keep_retries=True, keep_expires=True)[0].requeued
+    headers = {}
+    with app.connection_for_read() as conn:
+        simple = conn.SimpleQueue(queue)
+        for _ in range(2):
+            message = simple.get(timeout=5)
+            headers[message.headers["dlq_id"]] = message.headers
+            message.ack()
+    assert (headers[fresh]["retries"], headers[fresh]["expires"]) == (0, None)
+    assert (headers[kept]["retries"], headers[kept]["expires"]) == (3, expires)
+    api.close()
+
+
 # -- the retry guard, in-process ------------------------------------------------------------------
 
 
@@ -334,8 +366,9 @@ def test_a_failure_whose_arguments_cannot_be_serialized_is_still_captured(pg_url
     takes_object.apply((object(),))
     [row] = DLQ(app).list().rows
     assert row["task_name"] == "proj.takes_object" and row["reason"] == "non_retryable"
-    headers = json.loads(DLQ(app).show(row["id"])["message"])["headers"]
-    assert "dlq_unrebuildable" in headers
+    shown = DLQ(app).show(row["id"])
+    assert "dlq_unrebuildable" in json.loads(shown["message"])["headers"]
+    assert shown["unrecovered"][-2:] == ["args", "kwargs"] and "headers" in shown["unrecovered"]
     app._celery_dlq.close()
 
 

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from celery_dlq.store import DLQStore, Entry, NotFound, UsageError, relink
 from kombu_pg.store import BrokerStore, apply_migrations
@@ -88,6 +89,26 @@ def test_reap_moves_exhausted_messages_whole_in_one_statement(pg_conn, migrated,
         "max_deliveries", "reaper", 3, "work", 3)
     assert row["task_name"] == "proj.poison"
     assert row["task_id"] == json.loads(poison)["headers"]["id"]
+
+
+def test_reap_records_job_key_and_publish_time(pg_conn, migrated, broker, dlq):
+    """A reaped entry has the broker row's job key, and the publish time from the
+    ``dlq_published_at`` header, else the broker row's creation time (a bad header too)."""
+    consumer = broker.register_consumer()
+    stamped = "2026-01-02T03:04:05+00:00"
+    broker.publish_job("work", kombu_message(task="proj.keyed", extra_headers={"dlq_published_at": stamped}),
+                       "report:1")
+    broker.publish("work", kombu_message(task="proj.bad", extra_headers={"dlq_published_at": "not a time"}))
+    deliver(broker, "work", 2, consumer)
+    (_, _), (_, bad_created) = pg_conn.execute(sql.SQL("SELECT id, created_at FROM {}.messages ORDER BY id")
+                                               .format(sql.Identifier(migrated))).fetchall()
+    assert dlq.reap(max_deliveries=2) == 2
+    rows = {r["task_name"]: dlq.get(r["id"]) for r in dlq.list().rows}
+    keyed, bad = rows["proj.keyed"], rows["proj.bad"]
+    assert (keyed["job_key"], keyed["published_at"].isoformat()) == ("report:1", stamped)
+    assert (bad["job_key"], bad["published_at"]) == (None, bad_created)
+    assert keyed["max_retries"] is None and keyed["unrecovered"] == []
+    assert [r["id"] for r in dlq.list({"job_key": "report:1"}).rows] == [keyed["id"]]
 
 
 def test_reap_is_atomic_when_the_session_dies_mid_statement(pg_url, pg_conn, migrated, broker):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import uuid
 
 import psycopg
 import pytest
@@ -15,33 +14,10 @@ from psycopg import sql
 from celery_dlq import DLQ, PRESETS
 from celery_dlq.metrics import DLQCollector
 
-from .dlq_app import make_app, setup_schema
+from .dlq_fixtures import client, db, env, set_switch  # noqa: F401 (fixtures)
 from .worker import CeleryWorker, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-
-@pytest.fixture(scope="module")
-def env(pg_url, tmp_path_factory):
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    setup_schema(pg_url, schema)
-    yield {"url": pg_url, "schema": schema, "beat": str(tmp_path_factory.mktemp("beat") / "schedule")}
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
-
-
-@pytest.fixture(scope="module")
-def db(env):
-    with psycopg.connect(env["url"], autocommit=True) as conn:
-        yield conn
-
-
-@pytest.fixture(scope="module")
-def client(env):
-    app = make_app(env["url"], env["schema"])
-    yield app
-    DLQ(app).close()
 
 
 @pytest.fixture(scope="module")
@@ -169,12 +145,6 @@ def test_poison_message_stops_after_max_deliveries_and_is_reaped(worker, client,
                       .format(sql.Identifier(env["schema"])), (f"%{result.id}%",)).fetchone()[0]
     assert left == 0
     assert json.loads(row["message"])["headers"]["id"] == result.id  # the whole original message
-
-
-def set_switch(db, env, failing):
-    db.execute(sql.SQL("INSERT INTO {}.switches VALUES ('switchable', %s) ON CONFLICT (name) "
-                       "DO UPDATE SET failing = EXCLUDED.failing").format(sql.Identifier(env["schema"])),
-               (failing,))
 
 
 def test_requeue_success_resolves_and_failure_updates_the_same_row(worker, client, db, env):

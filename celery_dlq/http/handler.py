@@ -17,7 +17,7 @@ from ..api import DLQ
 from ..store import MAX_PAGE, REFUSED_STATUS, DLQError, NotFound, UsageError
 from . import auth, inputs, page
 from .asgi import ASGIAdapter
-from .inputs import FILTERS, MAX_ID
+from .inputs import FILTERS, MAX_ID, REQUEUE_KEEPS, requeue_keeps
 from .messages import HTTPError, Request, Response, bad, error_response, json_response
 from .wsgi import serve_wsgi
 
@@ -157,10 +157,10 @@ class DLQAdmin:
 
     def requeue_one(self, query: dict, body: dict, dlq_id: int):
         inputs.no_query(query)
-        inputs.check_fields(body, ("note", "force"))
+        inputs.check_fields(body, ("note", "force") + REQUEUE_KEEPS)
         note, force = inputs.note(body), inputs.flag(body, "force")
         with self._lock:
-            result = self.dlq.requeue([dlq_id], note=note, force=force)[0]
+            result = self.dlq.requeue([dlq_id], note=note, force=force, **requeue_keeps(body))[0]
         if result.detail == "not found":
             raise NotFound(f"no DLQ entry with id {dlq_id}")
         if result.detail.startswith("error:"):
@@ -200,11 +200,12 @@ class DLQAdmin:
 
     def requeue_many(self, query: dict, body: dict):
         inputs.no_query(query)
-        ids, filters = self._bulk_targets(body, ("note", "force", "dry_run"))
+        ids, filters = self._bulk_targets(body, ("note", "force", "dry_run") + REQUEUE_KEEPS)
         note, force, dry_run = inputs.note(body), inputs.flag(body, "force"), inputs.flag(body, "dry_run")
         with self._lock:
             self._missing(ids)
-            results = self.dlq.requeue(ids, filters=filters or None, note=note, force=force, dry_run=dry_run)
+            results = self.dlq.requeue(ids, filters=filters or None, note=note, force=force, dry_run=dry_run,
+                                       **requeue_keeps(body))
         return 200, {"dry_run": dry_run, "requeued": sum(r.requeued for r in results),
                      "results": [r.__dict__ for r in results]}
 

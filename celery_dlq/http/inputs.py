@@ -15,7 +15,7 @@ from ..store import REASONS, STATUSES
 from ..values import check_text, parse_time
 from .messages import HTTPError, Request, bad
 
-FILTERS = ("task", "queue", "reason", "exception", "status", "since", "until")
+FILTERS = ("task", "queue", "job_key", "reason", "exception", "status", "since", "until")
 MAX_BODY = 1 << 20
 MAX_IDS = 10_000
 MAX_ID = 2**63 - 1
@@ -77,6 +77,14 @@ def flag(doc: dict, name: str) -> bool:
     if not isinstance(value, bool):
         raise bad(f"{name} must be true or false")
     return value
+
+
+#: Requeue body fields that keep a stored value the requeue would otherwise reset.
+REQUEUE_KEEPS = ("keep_retries", "keep_expires")
+
+
+def requeue_keeps(doc: dict) -> dict[str, bool]:
+    return {name: flag(doc, name) for name in REQUEUE_KEEPS}
 
 
 def note(doc: dict) -> str | None:

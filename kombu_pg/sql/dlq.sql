@@ -27,12 +27,13 @@ WITH candidates AS (
 ), moved AS (
     DELETE FROM {schema}.messages m USING firsts f
     WHERE m.id = f.id AND f.rn = 1 AND m.lock_token IS NULL
-    RETURNING m.id, m.queue, m.priority, m.payload, m.serial_key, m.delivery_count, f.doc, f.task_id
+    RETURNING m.id, m.queue, m.priority, m.payload, m.serial_key, m.delivery_count, m.job_key,
+              m.created_at, f.doc, f.task_id
 ), ins AS (
     INSERT INTO {schema}.dlq AS d (
         task_id, task_name, queue, exchange, routing_key, priority, serial_key, reason,
         exception_type, exception_message, message, retries, delivery_count, source,
-        broker_message_id)
+        broker_message_id, job_key, published_at)
     SELECT task_id,
            coalesce({schema}.dlq_text(doc, 'headers', 'shadow'), {schema}.dlq_text(doc, 'headers', 'task')),
            queue,
@@ -44,7 +45,8 @@ WITH candidates AS (
            payload,
            CASE WHEN {schema}.dlq_text(doc, 'headers', 'retries') ~ '^[0-9]{{1,9}}$'
                 THEN {schema}.dlq_text(doc, 'headers', 'retries')::integer ELSE 0 END,
-           delivery_count, 'reaper', id
+           delivery_count, 'reaper', id, job_key,
+           coalesce({schema}.dlq_time({schema}.dlq_text(doc, 'headers', 'dlq_published_at')), created_at)
     FROM moved
     ORDER BY id
     ON CONFLICT (task_id) WHERE task_id IS NOT NULL DO UPDATE SET
@@ -55,7 +57,8 @@ WITH candidates AS (
         priority = EXCLUDED.priority, serial_key = EXCLUDED.serial_key,
         retries = EXCLUDED.retries, delivery_count = EXCLUDED.delivery_count,
         source = EXCLUDED.source, broker_message_id = EXCLUDED.broker_message_id,
-        status = 'dead', last_failed_at = now()
+        job_key = EXCLUDED.job_key, published_at = coalesce(EXCLUDED.published_at, d.published_at),
+        unrecovered = EXCLUDED.unrecovered, status = 'dead', last_failed_at = now()
     RETURNING d.id, d.task_name, d.reason, d.serial_key
 ), counted AS (
     INSERT INTO {schema}.dlq_counters AS c (task_name, reason, queue_kind, added)
@@ -74,12 +77,13 @@ SELECT id FROM ins
 -- is updated like every other capture path does (status dead, failure_count + 1).
 WITH moved AS (
     DELETE FROM {schema}.messages WHERE lock_token = %(token)s::uuid
-    RETURNING id, queue, priority, payload, serial_key, delivery_count,
+    RETURNING id, queue, priority, payload, serial_key, delivery_count, job_key, created_at,
               {schema}.dlq_json(payload) AS doc
 ), ins AS (
     INSERT INTO {schema}.dlq AS d (
         task_id, task_name, queue, exchange, routing_key, priority, serial_key, reason,
-        exception_message, message, retries, delivery_count, source, broker_message_id)
+        exception_message, message, retries, delivery_count, source, broker_message_id, job_key,
+        published_at)
     SELECT {schema}.dlq_text(doc, 'headers', 'id'),
            coalesce({schema}.dlq_text(doc, 'headers', 'shadow'), {schema}.dlq_text(doc, 'headers', 'task')),
            queue,
@@ -88,14 +92,17 @@ WITH moved AS (
            priority, serial_key, 'rejected', %(detail)s, payload,
            CASE WHEN {schema}.dlq_text(doc, 'headers', 'retries') ~ '^[0-9]{{1,9}}$'
                 THEN {schema}.dlq_text(doc, 'headers', 'retries')::integer ELSE 0 END,
-           delivery_count, 'broker', id
+           delivery_count, 'broker', id, job_key,
+           coalesce({schema}.dlq_time({schema}.dlq_text(doc, 'headers', 'dlq_published_at')), created_at)
     FROM moved
     -- The same logical message (its queue and routing do not change): record the failure.
     ON CONFLICT (task_id) WHERE task_id IS NOT NULL DO UPDATE SET
         failure_count = d.failure_count + 1, reason = 'rejected', exception_type = NULL,
         exception_message = EXCLUDED.exception_message, traceback = NULL,
         message = EXCLUDED.message, delivery_count = EXCLUDED.delivery_count, source = 'broker',
-        broker_message_id = EXCLUDED.broker_message_id, status = 'dead', last_failed_at = now()
+        broker_message_id = EXCLUDED.broker_message_id, job_key = EXCLUDED.job_key,
+        published_at = coalesce(EXCLUDED.published_at, d.published_at), unrecovered = EXCLUDED.unrecovered,
+        status = 'dead', last_failed_at = now()
     WHERE d.status <> 'dead'
     RETURNING d.id, d.task_name, d.reason, d.serial_key
 ), counted AS (
@@ -137,10 +144,12 @@ WHERE lock_token IS NULL AND delivery_count > 0 AND delivery_count >= %(max_deli
 WITH ins AS (
     INSERT INTO {schema}.dlq AS d (
         task_id, task_name, queue, exchange, routing_key, priority, serial_key, reason,
-        exception_type, exception_message, traceback, message, retries, source, worker)
+        exception_type, exception_message, traceback, message, retries, source, worker,
+        max_retries, published_at, job_key, unrecovered)
     VALUES (%(task_id)s, %(task_name)s, %(queue)s, %(exchange)s, %(routing_key)s, %(priority)s,
             %(serial_key)s, %(reason)s, %(exception_type)s, %(exception_message)s, %(traceback)s,
-            %(message)s, %(retries)s, %(source)s, %(worker)s)
+            %(message)s, %(retries)s, %(source)s, %(worker)s, %(max_retries)s, %(published_at)s,
+            %(job_key)s, %(unrecovered)s)
     ON CONFLICT (task_id) WHERE task_id IS NOT NULL DO UPDATE SET
         failure_count = d.failure_count + 1, reason = EXCLUDED.reason,
         exception_type = EXCLUDED.exception_type, exception_message = EXCLUDED.exception_message,
@@ -149,6 +158,8 @@ WITH ins AS (
         routing_key = coalesce(EXCLUDED.routing_key, d.routing_key),
         priority = EXCLUDED.priority, serial_key = EXCLUDED.serial_key,
         retries = EXCLUDED.retries, source = EXCLUDED.source, worker = EXCLUDED.worker,
+        max_retries = EXCLUDED.max_retries, published_at = coalesce(EXCLUDED.published_at, d.published_at),
+        job_key = EXCLUDED.job_key, unrecovered = EXCLUDED.unrecovered,
         status = 'dead', last_failed_at = now()
     RETURNING d.id, d.failure_count, d.task_name, d.reason, d.serial_key
 ), counted AS (
@@ -168,16 +179,19 @@ SELECT id, failure_count FROM ins
 WITH ins AS (
     INSERT INTO {schema}.dlq AS d (
         task_id, task_name, queue, exchange, routing_key, priority, serial_key, reason,
-        exception_type, exception_message, traceback, message, retries, source, worker)
+        exception_type, exception_message, traceback, message, retries, source, worker,
+        max_retries, published_at, job_key, unrecovered)
     SELECT %(task_id)s, %(task_name)s, %(queue)s, %(exchange)s, %(routing_key)s, %(priority)s,
            %(serial_key)s, %(reason)s, %(exception_type)s, %(exception_message)s, %(traceback)s,
-           %(message)s, %(retries)s, %(source)s, %(worker)s
+           %(message)s, %(retries)s, %(source)s, %(worker)s, %(max_retries)s, %(published_at)s,
+           %(job_key)s, %(unrecovered)s
     WHERE NOT EXISTS (SELECT 1 FROM {schema}.dlq_tombstones t WHERE t.task_id = %(task_id)s)
     ON CONFLICT (task_id) WHERE task_id IS NOT NULL DO UPDATE SET
         failure_count = d.failure_count + 1, reason = EXCLUDED.reason,
         exception_type = EXCLUDED.exception_type, exception_message = EXCLUDED.exception_message,
         traceback = EXCLUDED.traceback, retries = EXCLUDED.retries, source = EXCLUDED.source,
-        worker = EXCLUDED.worker, status = 'dead', last_failed_at = now()
+        worker = EXCLUDED.worker, max_retries = EXCLUDED.max_retries, status = 'dead',
+        last_failed_at = now()
     WHERE d.status = 'requeued' AND d.requeued_at < %(failed_at)s::timestamptz
     RETURNING d.id, d.task_name, d.reason, d.serial_key
 ), counted AS (
@@ -220,9 +234,9 @@ DELETE FROM {schema}.dlq_tombstones WHERE deleted_at < now() - make_interval(sec
 -- matching_ids apply.
 SELECT id, task_id, task_name, queue, reason, exception_type, exception_message, status,
        retries, failure_count, delivery_count, source, first_failed_at, last_failed_at,
-       requeue_count
+       requeue_count, job_key
 FROM {schema}.dlq d
-WHERE {schema}.dlq_matches(d, %(task)s::text, %(queue)s::text, %(reason)s::text,
+WHERE {schema}.dlq_matches(d, %(task)s::text, %(queue)s::text, %(job_key)s::text, %(reason)s::text,
                            %(exception)s::text, %(status)s::text, %(since)s::timestamptz,
                            %(until)s::timestamptz, %(ids)s::bigint[])
   AND (%(cursor)s::bigint IS NULL OR id < %(cursor)s)
@@ -231,13 +245,13 @@ LIMIT %(limit)s
 
 -- name: count
 SELECT count(*) FROM {schema}.dlq d
-WHERE {schema}.dlq_matches(d, %(task)s::text, %(queue)s::text, %(reason)s::text,
+WHERE {schema}.dlq_matches(d, %(task)s::text, %(queue)s::text, %(job_key)s::text, %(reason)s::text,
                            %(exception)s::text, %(status)s::text, %(since)s::timestamptz,
                            %(until)s::timestamptz, %(ids)s::bigint[])
 
 -- name: matching_ids
 SELECT id FROM {schema}.dlq d
-WHERE {schema}.dlq_matches(d, %(task)s::text, %(queue)s::text, %(reason)s::text,
+WHERE {schema}.dlq_matches(d, %(task)s::text, %(queue)s::text, %(job_key)s::text, %(reason)s::text,
                            %(exception)s::text, %(status)s::text, %(since)s::timestamptz,
                            %(until)s::timestamptz, %(ids)s::bigint[])
 ORDER BY id
@@ -247,7 +261,8 @@ LIMIT %(limit)s
 SELECT id, task_id, task_name, queue, exchange, routing_key, priority, serial_key, reason,
        exception_type, exception_message, traceback, message, retries, delivery_count,
        failure_count, status, notes, source, broker_message_id, worker, first_failed_at,
-       last_failed_at, requeue_count, requeued_at, resolved_at
+       last_failed_at, requeue_count, requeued_at, resolved_at, max_retries, published_at, job_key,
+       unrecovered
 FROM {schema}.dlq WHERE id = %(id)s
 
 -- name: lock_for_requeue
@@ -275,6 +290,13 @@ FROM {schema}.messages WHERE job_key = %(job_key)s AND lock_token IS NULL
 -- A requeued message succeeded.
 UPDATE {schema}.dlq SET status = 'resolved', resolved_at = now()
 WHERE status = 'requeued' AND (id = %(id)s OR (%(id)s::bigint IS NULL AND task_id = %(task_id)s))
+RETURNING id
+
+-- name: requeue_undone
+-- The requeued message never ran (revoked, expired or discarded when it arrived): the
+-- entry is dead again, with a note saying why; nothing else will ever resolve it.
+UPDATE {schema}.dlq SET status = 'dead', notes = array_append(notes, %(note)s::text)
+WHERE id = %(id)s AND status = 'requeued'
 RETURNING id
 
 -- name: add_note

@@ -313,12 +313,21 @@ CREATE TABLE {schema}.dlq (
     last_failed_at    timestamptz NOT NULL DEFAULT now(),
     requeue_count     integer NOT NULL DEFAULT 0,
     requeued_at       timestamptz,
-    resolved_at       timestamptz
+    resolved_at       timestamptz,
+    -- The task's max_retries at the failure (NULL: unknown, e.g. reaped by the broker).
+    max_retries       integer,
+    -- When the original message was published (the celery_dlq publish header, or the
+    -- broker row's creation time); NULL when neither is known.
+    published_at      timestamptz,
+    job_key           text,
+    -- Message fields the capture could not recover (empty: the message is complete).
+    unrecovered       text[] NOT NULL DEFAULT ARRAY[]::text[]
 );
 
 CREATE UNIQUE INDEX dlq_task_id_idx ON {schema}.dlq (task_id) WHERE task_id IS NOT NULL;
 CREATE INDEX dlq_last_failed_idx ON {schema}.dlq (last_failed_at);
 CREATE INDEX dlq_task_name_idx ON {schema}.dlq (task_name, id);
+CREATE INDEX dlq_job_key_idx ON {schema}.dlq (job_key, id) WHERE job_key IS NOT NULL;
 
 -- Monotonic "added to the DLQ" counters, bumped in the same statement as every capture,
 -- so any process (prefork children included) counts and a scrape reads the database.
@@ -358,6 +367,17 @@ CREATE FUNCTION {schema}.dlq_text(doc json, VARIADIC path text[]) RETURNS text
 LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
     RETURN doc #>> path;
+EXCEPTION WHEN others THEN
+    RETURN NULL;
+END;
+$$;
+
+-- A header value as a time, NULL when absent or not a time: a malformed header must not
+-- abort a reaping statement.
+CREATE FUNCTION {schema}.dlq_time(value text) RETURNS timestamptz
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN value::timestamptz;
 EXCEPTION WHEN others THEN
     RETURN NULL;
 END;
@@ -676,12 +696,13 @@ $$;
 
 -- Whether DLQ row d passes an operator's filter; a NULL argument does not filter.
 CREATE FUNCTION {schema}.dlq_matches(
-    d {schema}.dlq, p_task text, p_queue text, p_reason text, p_exception text, p_status text,
-    p_since timestamptz, p_until timestamptz, p_ids bigint[]
+    d {schema}.dlq, p_task text, p_queue text, p_job_key text, p_reason text, p_exception text,
+    p_status text, p_since timestamptz, p_until timestamptz, p_ids bigint[]
 ) RETURNS boolean
 LANGUAGE sql IMMUTABLE AS $$
     SELECT (p_task IS NULL OR d.task_name = p_task)
        AND (p_queue IS NULL OR d.queue = p_queue)
+       AND (p_job_key IS NULL OR d.job_key = p_job_key)
        AND (p_reason IS NULL OR d.reason = p_reason)
        AND (p_exception IS NULL OR d.exception_type = p_exception)
        AND (p_status IS NULL OR d.status = p_status)

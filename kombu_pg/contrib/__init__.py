@@ -1,0 +1,1 @@
+"""Integrations with the tools around Celery: Flower (:mod:`.flower`) and pytest (:mod:`.pytest`)."""

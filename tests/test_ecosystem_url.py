@@ -1,0 +1,131 @@
+"""``broker_url = "postgresql://..."`` alone, in apps that never import kombu_pg.
+
+kombu-pg is installed from a wheel into a throwaway venv (tests/ecosystem_venv.py); the
+apps live in a temporary project directory and run in subprocesses of that venv: a
+``celery worker``, ``celery inspect ping``, a plain script calling ``delay().get()``, and
+a Django-style project configured from ``CELERY_BROKER_URL``.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import uuid
+
+import pytest
+
+from tests.ecosystem_venv import InstalledVenv
+
+PROJ = '''
+import os
+from celery import Celery
+
+app = Celery("proj")
+app.conf.broker_url = os.environ["PROJ_URL"]
+app.conf.result_backend = os.environ["PROJ_URL"]
+app.conf.broker_transport_options = {"schema": os.environ["PROJ_SCHEMA"], "polling_interval": 0.5}
+app.conf.result_backend_transport_options = {"schema": os.environ["PROJ_SCHEMA"]}
+
+@app.task(name="proj.add")
+def add(x, y):
+    return x + y
+'''
+
+# The Django way (https://docs.celeryq.dev/en/stable/django/): settings from the
+# environment, read through django.conf with the CELERY_ namespace.
+DJANGO_SETTINGS = '''
+import os
+SECRET_KEY = "test"
+CELERY_BROKER_URL = os.environ["CELERY_BROKER_URL"]
+CELERY_RESULT_BACKEND = os.environ["CELERY_BROKER_URL"]
+CELERY_BROKER_TRANSPORT_OPTIONS = {"schema": os.environ["PROJ_SCHEMA"], "polling_interval": 0.5}
+CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS = {"schema": os.environ["PROJ_SCHEMA"]}
+'''
+DJANGO_CELERY = '''
+import os
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "djproj.settings")
+app = Celery("djproj")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+
+@app.task(name="proj.add")
+def add(x, y):
+    return x + y
+'''
+
+CLIENT = '''
+import sys
+from {module} import add
+
+print("result", add.delay(2, 3).get(timeout=60))
+print("kombu_pg from", sys.modules["kombu_pg"].__file__)
+'''
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> InstalledVenv:
+    return InstalledVenv.create(tmp_path_factory.mktemp("eco"))
+
+
+@pytest.fixture
+def project(tmp_path):
+    (tmp_path / "proj.py").write_text(PROJ)
+    (tmp_path / "djproj").mkdir()
+    (tmp_path / "djproj" / "__init__.py").write_text("")
+    (tmp_path / "djproj" / "settings.py").write_text(DJANGO_SETTINGS)
+    (tmp_path / "djproj" / "celery.py").write_text(DJANGO_CELERY)
+    for module in ("proj", "djproj.celery"):
+        (tmp_path / f"client_{module.split('.')[0]}.py").write_text(CLIENT.format(module=module))
+    return tmp_path
+
+
+def _assert_no_import(project) -> None:
+    # The point of the test: nothing the user wrote mentions kombu_pg.
+    for path in project.rglob("*.py"):
+        text = path.read_text()
+        assert "import kombu_pg" not in text and "from kombu_pg" not in text, path
+
+
+@pytest.mark.parametrize("module", ["proj", "djproj.celery"])
+def test_the_url_alone_runs_worker_inspect_and_delay(installed, project, pg_url, schema, module):
+    _assert_no_import(project)
+    env = installed.env(project, PROJ_URL=pg_url, CELERY_BROKER_URL=pg_url, PROJ_SCHEMA=schema)
+    node = f"eco{uuid.uuid4().hex[:8]}@localhost"
+    worker = installed.process(["-m", "celery", "-A", module, "worker", "-P", "threads", "-c", "2",
+                                "-n", node, "-l", "info"], env, name="worker").start()
+    try:
+        worker.wait_for_line(r"\bready\.$", timeout=60)
+        ping = installed.run(["-m", "celery", "-A", module, "inspect", "ping", "-d", node, "-t", "10"], env)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        assert "pong" in ping.stdout
+        client = installed.run([f"client_{module.split('.')[0]}.py"], env)
+        assert client.returncode == 0, client.stdout + client.stderr
+        assert "result 5" in client.stdout
+        # The distribution under test is the installed wheel, not this checkout.
+        assert f"kombu_pg from {installed.root}" in client.stdout
+    finally:
+        worker.stop()
+
+
+def test_autoload_off_means_no_such_transport(installed, project, pg_url, schema):
+    """KOMBU_PG_AUTOLOAD=0: the documented switch works, and without the .pth the URL fails
+    exactly as it did before (the test above would fail without the hook)."""
+    env = installed.env(project, PROJ_URL=pg_url, PROJ_SCHEMA=schema, KOMBU_PG_AUTOLOAD="0")
+    client = installed.run(["client_proj.py"], env)
+    assert client.returncode != 0
+    assert "No such transport: postgresql" in client.stderr
+
+
+def test_a_process_without_kombu_imports_nothing_heavy(installed, project):
+    script = textwrap.dedent("""
+        import sys
+        print(sorted(m for m in sys.modules if m.split(".")[0] in ("kombu", "celery", "kombu_pg", "psycopg", "typing")))
+        from kombu.transport import TRANSPORT_ALIASES
+        print(TRANSPORT_ALIASES["postgresql"], TRANSPORT_ALIASES["postgres"], "kombu_pg.transport" in sys.modules)
+    """)
+    out = installed.run(["-c", script], installed.env(project))
+    assert out.returncode == 0, out.stderr
+    loaded, aliases = out.stdout.splitlines()
+    assert loaded == "['kombu_pg', 'kombu_pg._hooks']"
+    # The alias is a string: the transport module loads only when a connection needs it.
+    assert aliases == "kombu_pg.transport:Transport kombu_pg.transport:Transport False"

@@ -17,6 +17,8 @@ import sysconfig
 import venv
 from pathlib import Path
 
+import pytest
+
 from tests.monitor_app import REPO_ROOT, ManagedProcess
 
 
@@ -53,3 +55,9 @@ class InstalledVenv:
     def run(self, args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([self.python, *args], env=env, capture_output=True, text=True, timeout=timeout,
                               cwd=env["PYTHONPATH"])
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> InstalledVenv:
+    """The venv, built once per test module (a wheel build takes a few seconds)."""
+    return InstalledVenv.create(tmp_path_factory.mktemp("eco"))

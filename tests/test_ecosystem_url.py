@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from tests.ecosystem_venv import InstalledVenv
+from tests.ecosystem_venv import installed  # noqa: F401  (a fixture)
 
 PROJ = '''
 import os
@@ -60,11 +60,6 @@ from {module} import add
 print("result", add.delay(2, 3).get(timeout=60))
 print("kombu_pg from", sys.modules["kombu_pg"].__file__)
 '''
-
-
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> InstalledVenv:
-    return InstalledVenv.create(tmp_path_factory.mktemp("eco"))
 
 
 @pytest.fixture

@@ -54,16 +54,22 @@ class _AfterImport:
                 break
         else:
             return None
-        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        run = spec.loader.exec_module
+        if not hasattr(spec.loader, "exec_module") or not hasattr(spec.loader, "__dict__"):
+            return spec  # nothing to wrap: a namespace package or a loader with __slots__
+        loader = spec.loader
+        own = vars(loader).get("exec_module")
+        run = loader.exec_module
 
         def exec_module(module: "ModuleType") -> None:
+            # Undo the patch first: some loaders (pytest's rewriting hook) serve many modules.
+            if own is None:
+                del loader.exec_module
+            else:
+                loader.exec_module = own
             run(module)
             hook(module)
 
-        # The loader instance belongs to this one module, so patching it is local.
-        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
 
 

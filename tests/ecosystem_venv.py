@@ -35,10 +35,13 @@ class InstalledVenv:
         venv.EnvBuilder(with_pip=False).create(root / "venv")
         self = cls(root / "venv")
         subprocess.run([sys.executable, "-m", "pip", "--python", self.python, "install", "-q",
-                        "--no-deps", *map(str, wheels.glob("*.whl"))], check=True, capture_output=True)
-        purelib = subprocess.run([self.python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                 check=True, capture_output=True, text=True).stdout.strip()
-        Path(purelib, "zz_kombu_pg_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+                        "--no-deps", *map(str, wheels.glob("*.whl"))],
+                       check=True, capture_output=True)
+        purelib = subprocess.run(
+            [self.python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True, capture_output=True, text=True).stdout.strip()
+        ours = sysconfig.get_paths()["purelib"]
+        Path(purelib, "zz_kombu_pg_test_deps.pth").write_text(ours + "\n")
         return self
 
     def env(self, project: Path, **extra: str) -> dict[str, str]:
@@ -52,9 +55,10 @@ class InstalledVenv:
     def process(self, args: list[str], env: dict[str, str], name: str) -> ManagedProcess:
         return ManagedProcess([self.python, *args], env, name)
 
-    def run(self, args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([self.python, *args], env=env, capture_output=True, text=True, timeout=timeout,
-                              cwd=env["PYTHONPATH"])
+    def run(self, args: list[str], env: dict[str, str],
+            timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([self.python, *args], env=env, capture_output=True, text=True,
+                              timeout=timeout, cwd=env["PYTHONPATH"])
 
 
 @pytest.fixture(scope="module")

@@ -45,10 +45,12 @@ def hold(path):
 @pytest.fixture
 def stack(installed, tmp_path, pg_url, schema):  # noqa: F811
     (tmp_path / "proj.py").write_text(PROJ)
-    env = installed.env(tmp_path, PROJ_URL=pg_url, PROJ_SCHEMA=schema, FLOWER_UNAUTHENTICATED_API="true")
+    env = installed.env(tmp_path, PROJ_URL=pg_url, PROJ_SCHEMA=schema,
+                        FLOWER_UNAUTHENTICATED_API="true")
     release = tmp_path / "release"
+    node = f"eco{uuid.uuid4().hex[:8]}@localhost"
     worker = installed.process(["-m", "celery", "-A", "proj", "worker", "-P", "solo", "-l", "info",
-                                "-n", f"eco{uuid.uuid4().hex[:8]}@localhost"], env, name="worker").start()
+                                "-n", node], env, name="worker").start()
     port = free_port()
     flower_proc = installed.process(["-m", "celery", "-A", "proj", "flower", f"--port={port}",
                                      "--address=127.0.0.1"], env, name="flower")
@@ -64,16 +66,16 @@ def stack(installed, tmp_path, pg_url, schema):  # noqa: F811
         worker.stop()
 
 
-def _publish(installed, project, env, release, count: int) -> None:  # noqa: F811
+def _publish(venv, env, release, count: int) -> None:
     script = f"from proj import hold\nfor _ in range({count}): hold.delay({str(release)!r})\n"
-    out = installed.run(["-c", script], env)
+    out = venv.run(["-c", script], env)
     assert out.returncode == 0, out.stderr
 
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Chromium: apt-get install chromium")
 def test_broker_tab_and_queue_lengths(stack, pg_conn, schema):
-    installed, project, env, release, flower = stack
-    _publish(installed, project, env, release, 4)
+    venv, project, env, release, flower = stack
+    _publish(venv, env, release, 4)
     # One task runs and holds the solo worker; its message (acks_late) and any the worker
     # prefetched are unacked, the rest ready.  Wait for the worker to take the first.
     flower.poll("/api/queues/length",
@@ -97,9 +99,10 @@ def test_broker_tab_and_queue_lengths(stack, pg_conn, schema):
 
 
 def _counts(conn, schema: str) -> tuple[int, int]:
-    row = conn.execute(sql.SQL("SELECT count(*) FILTER (WHERE lock_token IS NULL),"
-                               " count(*) FILTER (WHERE lock_token IS NOT NULL)"
-                               " FROM {}.messages WHERE queue = 'celery'").format(sql.Identifier(schema))).fetchone()
+    query = sql.SQL("SELECT count(*) FILTER (WHERE lock_token IS NULL),"
+                    " count(*) FILTER (WHERE lock_token IS NOT NULL)"
+                    " FROM {}.messages WHERE queue = 'celery'").format(sql.Identifier(schema))
+    row = conn.execute(query).fetchone()
     return int(row[0]), int(row[1])
 
 
@@ -115,8 +118,9 @@ def _broker_row(page: str, queue: str) -> list[str]:
 def _chromium_dom(url: str) -> str:
     profile = tempfile.mkdtemp(prefix="eco-chromium-")
     try:
-        out = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
-                              "--dump-dom", url], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+                              f"--user-data-dir={profile}", "--dump-dom", url],
+                             capture_output=True, text=True, timeout=60)
     finally:
         shutil.rmtree(profile, ignore_errors=True)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -32,7 +32,8 @@ def _run_user_suite(tmp_path, conftest: str, args: list[str], url: str | None) -
     env = {k: v for k, v in os.environ.items() if k not in ("KOMBU_PG_URL", "PYTHONPATH")}
     if url:
         env["KOMBU_PG_URL"] = url
-    out = subprocess.run([sys.executable, "-m", "pytest", "-s", "-q", "-p", "no:cacheprovider", *args],
+    out = subprocess.run([sys.executable, "-m", "pytest", "-s", "-q", "-p", "no:cacheprovider",
+                          *args],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "1 passed" in out.stdout
@@ -48,7 +49,8 @@ def _run_user_suite(tmp_path, conftest: str, args: list[str], url: str | None) -
 def test_users_suite_gets_a_kombu_pg_broker_and_backend(tmp_path, pg_url, pg_conn, conftest, args):
     schema = _run_user_suite(tmp_path, conftest, args, pg_url)
     # The session's schema was used, then dropped.
-    assert pg_conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = %s", [schema]).fetchone()[0] == 0
+    left = pg_conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = %s", [schema])
+    assert left.fetchone()[0] == 0
 
 
 def test_without_a_url_it_embeds_a_server(tmp_path):

@@ -82,7 +82,8 @@ def _assert_no_import(project) -> None:
 
 
 @pytest.mark.parametrize("module", ["proj", "djproj.celery"])
-def test_the_url_alone_runs_worker_inspect_and_delay(installed, project, pg_url, schema, module):
+def test_the_url_alone_runs_worker_inspect_and_delay(
+        installed, project, pg_url, schema, module):  # noqa: F811
     _assert_no_import(project)
     env = installed.env(project, PROJ_URL=pg_url, CELERY_BROKER_URL=pg_url, PROJ_SCHEMA=schema)
     node = f"eco{uuid.uuid4().hex[:8]}@localhost"
@@ -90,7 +91,8 @@ def test_the_url_alone_runs_worker_inspect_and_delay(installed, project, pg_url,
                                 "-n", node, "-l", "info"], env, name="worker").start()
     try:
         worker.wait_for_line(r"\bready\.$", timeout=60)
-        ping = installed.run(["-m", "celery", "-A", module, "inspect", "ping", "-d", node, "-t", "10"], env)
+        ping = installed.run(["-m", "celery", "-A", module, "inspect", "ping", "-d", node,
+                              "-t", "10"], env)
         assert ping.returncode == 0, ping.stdout + ping.stderr
         assert "pong" in ping.stdout
         client = installed.run([f"client_{module.split('.')[0]}.py"], env)
@@ -102,7 +104,7 @@ def test_the_url_alone_runs_worker_inspect_and_delay(installed, project, pg_url,
         worker.stop()
 
 
-def test_autoload_off_means_no_such_transport(installed, project, pg_url, schema):
+def test_autoload_off_means_no_such_transport(installed, project, pg_url, schema):  # noqa: F811
     """KOMBU_PG_AUTOLOAD=0: the documented switch works, and without the .pth the URL fails
     exactly as it did before (the test above would fail without the hook)."""
     env = installed.env(project, PROJ_URL=pg_url, PROJ_SCHEMA=schema, KOMBU_PG_AUTOLOAD="0")
@@ -111,12 +113,14 @@ def test_autoload_off_means_no_such_transport(installed, project, pg_url, schema
     assert "No such transport: postgresql" in client.stderr
 
 
-def test_a_process_without_kombu_imports_nothing_heavy(installed, project):
+def test_a_process_without_kombu_imports_nothing_heavy(installed, project):  # noqa: F811
     script = textwrap.dedent("""
         import sys
-        print(sorted(m for m in sys.modules if m.split(".")[0] in ("kombu", "celery", "kombu_pg", "psycopg", "typing")))
+        roots = ("kombu", "celery", "kombu_pg", "psycopg", "typing")
+        print(sorted(m for m in sys.modules if m.split(".")[0] in roots))
         from kombu.transport import TRANSPORT_ALIASES
-        print(TRANSPORT_ALIASES["postgresql"], TRANSPORT_ALIASES["postgres"], "kombu_pg.transport" in sys.modules)
+        print(TRANSPORT_ALIASES["postgresql"], TRANSPORT_ALIASES["postgres"],
+              "kombu_pg.transport" in sys.modules)
     """)
     out = installed.run(["-c", script], installed.env(project))
     assert out.returncode == 0, out.stderr

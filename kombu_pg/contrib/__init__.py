@@ -1,1 +1,1 @@
-"""Integrations with the tools around Celery: Flower (:mod:`.flower`) and pytest (:mod:`.pytest`)."""
+"""Integrations with tools around Celery: Flower (:mod:`.flower`), pytest (:mod:`.pytest`)."""

@@ -26,7 +26,8 @@ class PostgresBroker:
     def __init__(self, broker_url: str, *_: Any, broker_options: Mapping[str, Any] | None = None,
                  broker_use_ssl: Mapping[str, Any] | bool | None = None, **__: Any) -> None:
         self.options = Options.from_mapping(broker_options)
-        self._conninfo = build_conninfo(broker_url, ssl=broker_use_ssl, extra=self.options.connect_kwargs)
+        self._conninfo = build_conninfo(broker_url, ssl=broker_use_ssl,
+                                        extra=self.options.connect_kwargs)
 
     async def queues(self, names: list[str]) -> list[dict[str, Any]]:
         # psycopg's blocking API off Flower's event loop: one short query per page view.
@@ -34,8 +35,8 @@ class PostgresBroker:
 
     def _queues(self, names: list[str]) -> list[dict[str, Any]]:
         with connect(self._conninfo) as conn:
-            stats = {row["queue"]: row for row in
-                     BrokerStore(conn, self.options.schema).queue_stats(self.options.max_deliveries)}
+            store = BrokerStore(conn, self.options.schema)
+            stats = {row["queue"]: row for row in store.queue_stats(self.options.max_deliveries)}
         rows = []
         for name in names:
             row = stats.get(name, {})

@@ -8,6 +8,9 @@ a Django-style project configured from ``CELERY_BROKER_URL``.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
 import uuid
 
@@ -128,3 +131,40 @@ def test_a_process_without_kombu_imports_nothing_heavy(installed, project):  # n
     assert loaded == "['kombu_pg', 'kombu_pg._hooks']"
     # The alias is a string: the transport module loads only when a connection needs it.
     assert aliases == "kombu_pg.transport:Transport kombu_pg.transport:Transport False"
+
+
+SHARED_LOADER = '''
+import importlib.machinery, importlib.util, sys
+import kombu_pg  # the hook, before kombu.transport is imported
+
+class Shared:
+    """One loader for many modules, like pytest's assertion-rewriting hook."""
+    def create_module(self, spec):
+        return None
+    def exec_module(self, module):
+        with open(module.__spec__.origin) as f:
+            exec(compile(f.read(), module.__spec__.origin, "exec"), module.__dict__)
+
+shared = Shared()
+
+class Finder:
+    def find_spec(self, name, path=None, target=None):
+        if name not in ("kombu.transport", "colorsys"):
+            return None
+        real = importlib.machinery.PathFinder.find_spec(name, path)
+        return importlib.util.spec_from_file_location(
+            name, real.origin, loader=shared,
+            submodule_search_locations=real.submodule_search_locations)
+
+sys.meta_path.insert(1, Finder())
+from kombu.transport import TRANSPORT_ALIASES
+import colorsys  # through the same loader: must not get kombu's hook
+print(TRANSPORT_ALIASES["postgresql"], colorsys.__name__)
+'''
+
+
+def test_a_shared_loader_runs_the_hook_for_its_module_only():
+    out = subprocess.run([sys.executable, "-c", SHARED_LOADER], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "KOMBU_PG_AUTOLOAD": "0"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["kombu_pg.transport:Transport", "colorsys"]

@@ -1,8 +1,8 @@
 """Flower against kombu-pg: a real worker and a real ``celery flower`` subprocess.
 
 Flower shows workers through remote control (pidbox) and tasks through events; both
-cross processes through the database.  Checked through Flower's HTTP API.  Its Broker
-tab (queue lengths) supports amqp/redis only and answers 404 here (docs/monitoring.md).
+cross processes through the database.  Checked through Flower's HTTP API.  The Broker tab
+(queue lengths) comes from kombu_pg.contrib.flower: tests/test_ecosystem_flower.py.
 """
 
 from __future__ import annotations
@@ -150,8 +150,8 @@ def test_flower_shows_finished_tasks(flower, worker):
     assert tasks[bad_id]["state"] == "FAILURE"
 
 
-def test_flower_broker_tab_is_not_supported(flower):
-    """Documented limitation: Flower reads queue lengths only from amqp/redis brokers."""
+def test_flower_broker_tab_lists_the_queues(flower):
+    """Flower has clients for amqp/redis only; kombu_pg registers one for postgresql://."""
     status, text = flower.request("/broker")
-    assert status == 404
-    assert "'postgresql' broker is not supported" in html.unescape(text)
+    assert status == 200, html.unescape(text)[:500]
+    assert '<tr id="celery">' in text

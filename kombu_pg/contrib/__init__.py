@@ -1,0 +1,1 @@
+"""Integrations with tools around Celery: Flower (:mod:`.flower`), pytest (:mod:`.pytest`)."""

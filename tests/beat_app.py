@@ -1,0 +1,32 @@
+"""The Celery app the beat tests run in real ``celery beat`` and ``celery worker`` processes.
+
+Configured from the environment (KOMBU_PG_URL, KOMBU_PG_SCHEMA, BEAT_ENTRIES: which of the
+entries below to schedule); the ``tick`` task records each run in ``<schema>.task_log``.
+"""
+
+import os
+
+from celery import Celery
+from celery.schedules import crontab
+
+import kombu_pg  # noqa: F401
+from celery_app import log
+
+app = Celery("beat_app", broker=os.environ["KOMBU_PG_URL"])
+app.conf.broker_transport_options = {"schema": os.environ["KOMBU_PG_SCHEMA"], "recovery_interval": 0.5}
+app.conf.beat_scheduler = "kombu_pg.beat:Scheduler"
+app.conf.beat_max_loop_interval = 1
+app.conf.timezone = "UTC"
+
+ENTRIES = {
+    "every-1s": {"task": "beat_app.tick", "schedule": 1.0, "args": ("every-1s",)},
+    "every-5s": {"task": "beat_app.tick", "schedule": 5.0, "args": ("every-5s",)},
+    "cron-minute": {"task": "beat_app.tick", "schedule": crontab(), "args": ("cron-minute",)},
+}
+app.conf.beat_schedule = {name: ENTRIES[name] for name in os.environ.get("BEAT_ENTRIES", "").split(",")
+                          if name}
+
+
+@app.task(name="beat_app.tick")
+def tick(name):
+    log("tick", name)

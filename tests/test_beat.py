@@ -130,3 +130,100 @@ def test_missed_ticks_skip():
     assert todo.publish == [due + timedelta(seconds=60)] and todo.skipped == 6
     due, todo = _late("skip", 6, late_after=1)
     assert todo.publish == [] and todo.skipped == 7 and todo.next_due == due + timedelta(seconds=70)
+
+
+# --- real beats --------------------------------------------------------------------------
+
+def _beat(env: dict, entries: str) -> CeleryWorker:
+    """``celery beat`` (CeleryWorker runs any celery command; its readiness is waited on
+    with the "beat: Starting..." line)."""
+    def as_beat(cmd: list[str]) -> list[str]:
+        return [*cmd[:cmd.index("worker")], "beat", "-l", "info", "--pidfile="]
+    return CeleryWorker("beat_app", {**env, "BEAT_ENTRIES": entries}, wrap=as_beat)
+
+
+def _ticks(conn, schema: str) -> list[tuple]:
+    return conn.execute(sql.SQL("SELECT entry, due, beat, task_id, published_at FROM {}.beat_ticks "
+                                "ORDER BY entry, due").format(sql.Identifier(schema))).fetchall()
+
+
+def _count(conn, schema: str, entry: str) -> int:
+    return conn.execute(sql.SQL("SELECT count(*) FROM {}.beat_ticks WHERE entry = %s")
+                        .format(sql.Identifier(schema)), (entry,)).fetchone()[0]
+
+
+def _check_each_tick_published_once(pg_conn, schema: str, task_log, steps: dict[str, timedelta]) -> list[tuple]:
+    """Every tick's task ran exactly once, and the due times follow the schedule without
+    a gap or a repeat."""
+    ticks = _ticks(pg_conn, schema)
+    wait_until(lambda: len(task_log("tick")) >= len(ticks), 60, "the worker to run every published tick")
+    runs = sorted(row[1] for row in task_log("tick"))
+    assert runs == sorted(entry for entry, *_ in ticks), "a tick published twice or lost"
+    assert len({task_id for *_, task_id, _ in ticks}) == len(ticks)
+    for entry, step in steps.items():
+        dues = [due for name, due, *_ in ticks if name == entry]
+        assert [b - a for a, b in zip(dues, dues[1:])] == [step] * (len(dues) - 1), entry
+    return ticks
+
+
+ENTRY_STEPS = {"every-1s": timedelta(seconds=1), "every-5s": timedelta(seconds=5),
+               "cron-minute": timedelta(minutes=1)}
+
+
+def _race(pg_conn, schema, worker_env, task_log, seconds: int) -> None:
+    task_log()
+    minimum = {"every-1s": seconds // 2, "every-5s": seconds // 10, "cron-minute": seconds // 60}
+    entries = ",".join(ENTRY_STEPS)
+    beats = [_beat(worker_env, entries) for _ in range(3)]
+    try:
+        with CeleryWorker("beat_app", worker_env).wait_ready() as worker:
+            for beat in beats:
+                beat.wait_for_line("beat: Starting...", 60)
+            for entry, count in minimum.items():
+                wait_until(lambda: _count(pg_conn, schema, entry) >= count, seconds * 3,
+                           f"{count} ticks of {entry}", step=0.5)
+            for beat in beats:
+                beat.stop()
+            try:
+                ticks = _check_each_tick_published_once(pg_conn, schema, task_log, ENTRY_STEPS)
+            except AssertionError:
+                print(worker.output(), beats[0].output())
+                raise
+    finally:
+        for beat in beats:
+            beat.stop()
+    assert all(beat.proc.returncode is not None for beat in beats)
+    print("ticks per beat:", {b: sum(t[2] == b for t in ticks) for b in {t[2] for t in ticks}})
+
+
+def test_three_beats_publish_each_tick_once(pg_conn, schema, worker_env, task_log):
+    _race(pg_conn, schema, worker_env, task_log, 30)
+
+
+@pytest.mark.slow
+def test_three_beats_publish_each_tick_once_for_two_minutes(pg_conn, schema, worker_env, task_log):
+    _race(pg_conn, schema, worker_env, task_log, 130)
+
+
+def test_killed_beat_is_replaced_within_two_intervals(pg_conn, schema, worker_env, task_log):
+    task_log()
+    beats = [_beat(worker_env, "every-1s") for _ in range(2)]
+    try:
+        for beat in beats:
+            beat.wait_for_line("beat: Starting...", 60)
+        wait_until(lambda: _count(pg_conn, schema, "every-1s") >= 3, 60, "ticks", step=0.2)
+        last = lambda: _ticks(pg_conn, schema)[-1]  # noqa: E731
+        publisher = last()[2]
+        victim = next(b for b in beats if publisher.endswith(f":{b.proc.pid}"))
+        victim.kill(signal.SIGKILL)
+        victim.proc.wait(10)
+        killed_at = pg_conn.execute("SELECT now()").fetchone()[0]
+        survivor = wait_until(lambda: (t := last())[2] != publisher and t, 30, "another beat to publish",
+                              step=0.1)
+        assert survivor[4] - killed_at <= timedelta(seconds=2), (survivor, killed_at)
+        ticks = [t for t in _ticks(pg_conn, schema)]
+        dues = [t[1] for t in ticks]
+        assert [b - a for a, b in zip(dues, dues[1:])] == [timedelta(seconds=1)] * (len(dues) - 1)
+    finally:
+        for beat in beats:
+            beat.stop()

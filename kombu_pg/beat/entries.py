@@ -75,17 +75,21 @@ class Entries:
     seconds), without restarting them.
     """
 
-    def __init__(self, app: Celery, conn: psycopg.Connection | None = None) -> None:
+    def __init__(self, app: Celery, conn: psycopg.Connection | None = None, *, schema: str | None = None,
+                 own: bool = False) -> None:
+        """Without ``conn``, connect to the app's broker (migrating its schema if needed);
+        ``own``: close ``conn`` on :meth:`close`.  ``conn`` must be in autocommit mode."""
         transport = app.connection_for_write().transport
         if not isinstance(transport, Transport):
             raise TypeError(f"the app's broker is {transport.driver_type!r}, not PostgreSQL")
         self.app = app
-        self.schema = transport.options.schema
+        self.schema = schema or transport.options.schema
         self.queries = Queries(self.schema, "beat.sql")
-        self._own = conn is None
-        self.conn = conn if conn is not None else connect(transport.conninfo, jit=False)
-        if self._own:
-            transport._migrate(self.conn)
+        self._own = own or conn is None
+        if conn is None:
+            conn = connect(transport.conninfo, jit=False)
+            transport._migrate(conn)
+        self.conn = conn
 
     def close(self) -> None:
         if self._own:

@@ -227,3 +227,94 @@ def test_killed_beat_is_replaced_within_two_intervals(pg_conn, schema, worker_en
     finally:
         for beat in beats:
             beat.stop()
+
+
+# --- runtime changes through `pg schedule` ------------------------------------------------
+
+def _cli(app: Celery, *args: str) -> str:
+    from celery.bin.base import CLIContext
+    from click.testing import CliRunner
+
+    from kombu_pg.cli import pg
+
+    result = CliRunner().invoke(pg, ["schedule", *args], catch_exceptions=False,
+                                obj=CLIContext(app=app, no_color=True, workdir=None, quiet=True))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_runtime_changes_reach_a_running_beat(pg_conn, pg_url, schema, worker_env, task_log):
+    task_log()
+    app = _app(url=pg_url, schema=schema)
+    count = lambda entry: _count(pg_conn, schema, entry)  # noqa: E731
+    with _beat(worker_env, "") as beat:
+        beat.wait_for_line("beat: Starting...", 60)
+        _cli(app, "add", "dyn", "beat_app.tick", "--every", "1", "--args", '["dyn"]', "--queue", "q1",
+             "--priority", "7", "--expires", "300", "--header", "serial_key=k1")
+        wait_until(lambda: count("dyn") >= 2, 60, "ticks of the added entry", step=0.2)
+        queue, priority, serial_key, expires = pg_conn.execute(sql.SQL(
+            "SELECT queue, priority, serial_key, expires_at - created_at FROM {}.messages ORDER BY id LIMIT 1")
+            .format(sql.Identifier(schema))).fetchone()
+        assert (queue, priority, serial_key) == ("q1", 7, "k1")
+        assert timedelta(seconds=290) < expires <= timedelta(seconds=300)
+
+        _cli(app, "disable", "dyn")
+        disabled_at = count("dyn")
+        # Another entry's ticks show the beat kept running while "dyn" published nothing.
+        _cli(app, "add", "marker", "beat_app.tick", "--every", "1", "--args", '["marker"]')
+        wait_until(lambda: count("marker") >= 2, 60, "ticks of the marker", step=0.2)
+        assert count("dyn") == disabled_at
+
+        task_id = _cli(app, "run", "dyn").strip()
+        beat_of = pg_conn.execute(sql.SQL("SELECT beat FROM {}.beat_ticks WHERE task_id = %s")
+                                  .format(sql.Identifier(schema)), (task_id,)).fetchone()[0]
+        assert beat_of.startswith("run-now:")
+        listing = _cli(app, "list")
+        assert "dyn" in listing and task_id in listing and "run-now:" in listing
+
+        _cli(app, "enable", "dyn")
+        wait_until(lambda: count("dyn") >= disabled_at + 3, 60, "ticks after enable", step=0.2)
+        _cli(app, "change", "dyn", "--cron", "0 4 * * *", "--missed", "skip")
+        with Entries(app) as entries:
+            row = entries.get("dyn")
+        assert row["schedule"]["type"] == "crontab" and row["missed"] == "skip"
+        assert row["next_due"].astimezone(UTC).hour == 4 and row["options"]["queue"] == "q1"
+        _cli(app, "remove", "dyn")
+        assert "dyn" not in _cli(app, "list")
+        assert "Traceback" not in beat.output()  # no error logged by the beat
+
+
+def test_missed_ticks_policy_after_downtime(pg_conn, pg_url, schema, task_log):
+    task_log()
+    app = _app(url=pg_url, schema=schema)
+    with Entries(app) as entries:
+        for policy in ("skip", "once", "catchup"):
+            entries.add(policy, "beat_app.tick", 10, missed=policy)
+        # As if no beat ran for a minute: each entry was due 67 s ago, its latest due time
+        # 7 s ago is later than late_after.
+        pg_conn.execute(sql.SQL("UPDATE {}.beat_entries SET next_due = now() - interval '67 s'")
+                        .format(sql.Identifier(schema)))
+        assert entries.publish_due("test", late_after=5) == 0 + 1 + 7
+        assert {name: count for name, count in pg_conn.execute(sql.SQL(
+            "SELECT entry, count(*) FROM {}.beat_ticks GROUP BY entry").format(sql.Identifier(schema)))} == {
+            "once": 1, "catchup": 7}
+        # Every entry now waits for its next due time: a second pass publishes nothing.
+        assert entries.publish_due("test", late_after=5) == 0
+        assert all(timedelta(0) < row["next_due"] - row["last_run_at"] <= timedelta(seconds=10)
+                   for row in entries.list() if row["last_run_at"])
+
+
+def test_an_entry_that_cannot_publish_does_not_hold_up_the_others(pg_conn, pg_url, schema, task_log):
+    task_log()
+    app = _app(url=pg_url, schema=schema)
+    with Entries(app) as entries:
+        # beat_app.tick takes one argument: Celery refuses this publish before sending.
+        app.task(name="beat_app.tick")(lambda name: None)
+        entries.add("broken", "beat_app.tick", 10)
+        entries.add("fine", "beat_app.tick", 10, args=["fine"])
+        pg_conn.execute(sql.SQL("UPDATE {}.beat_entries SET next_due = now() - interval '1 s' - "
+                                "CASE name WHEN 'broken' THEN interval '1 s' ELSE interval '0 s' END")
+                        .format(sql.Identifier(schema)))
+        assert entries.publish_due("test", late_after=5) == 1
+        assert [row[0] for row in _ticks(pg_conn, schema)] == ["fine"]
+        assert entries.get("broken")["next_due"] > pg_conn.execute("SELECT now()").fetchone()[0]

@@ -7,6 +7,7 @@ beat finds the tick taken (the entry row is locked, then no longer due).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ MISSED_POLICIES = ("skip", "once", "catchup")
 CATCHUP_BATCH = 100
 #: Most due times walked to find the latest missed one (a 1 s entry after ~3 h down).
 _WALK_LIMIT = 10_000
+
+logger = logging.getLogger(__name__)
 
 
 def beat_name() -> str:
@@ -191,25 +194,42 @@ class Entries:
 
     def publish_next_due(self, beat: str, late_after: float) -> tuple[int, int] | None:
         """Take one due entry and publish its ticks in one transaction: (published, skipped),
-        or None when nothing is due."""
-        with self.conn.transaction():
-            with self.conn.cursor(row_factory=dict_row) as cur:
-                row = cur.execute(self.queries["claim_due"]).fetchone()
-            if row is None:
-                return None
-            sched = from_json(row["schedule"], self.app)
-            todo = plan(sched, row["next_due"], row["now"], row["missed"], late_after)
-            task_id = None
-            for due in todo.publish:
-                task_id = self._publish(row, due, beat)
-            if todo.publish:
-                self.conn.execute(self.queries["advance"], {
-                    "name": row["name"], "next_due": todo.next_due, "last_due": todo.publish[-1],
-                    "task_id": task_id, "beat": beat, "runs": len(todo.publish)})
-            else:
-                self.conn.execute(self.queries["skip"], {"name": row["name"], "next_due": todo.next_due})
+        or None when nothing is due.  A tick whose publish fails (an unknown task, arguments
+        that do not fit) is logged and skipped, so it cannot hold up the other entries."""
+        row = todo = None
+        try:
+            with self.conn.transaction():
+                with self.conn.cursor(row_factory=dict_row) as cur:
+                    row = cur.execute(self.queries["claim_due"]).fetchone()
+                if row is None:
+                    return None
+                todo = plan(from_json(row["schedule"], self.app), row["next_due"], row["now"], row["missed"],
+                            late_after)
+                task_id = None
+                for due in todo.publish:
+                    task_id = self._publish(row, due, beat)
+                if todo.publish:
+                    self.conn.execute(self.queries["advance"], {
+                        "name": row["name"], "next_due": todo.next_due, "last_due": todo.publish[-1],
+                        "task_id": task_id, "beat": beat, "runs": len(todo.publish)})
+                else:
+                    self._skip(row, todo)
+        except psycopg.OperationalError:
+            raise
+        except Exception:
+            if todo is None:
+                raise
+            logger.exception("beat %s: cannot publish %s (task %s); skipping its due tick(s)",
+                             beat, row["name"], row["task"])
+            self._skip(row, todo)
+            metrics.ticks(0, len(todo.publish) + todo.skipped)
+            return 0, len(todo.publish) + todo.skipped
         metrics.ticks(len(todo.publish), todo.skipped)
         return len(todo.publish), todo.skipped
+
+    def _skip(self, row: dict[str, Any], todo: Plan) -> None:
+        self.conn.execute(self.queries["skip"], {"name": row["name"], "due": row["next_due"],
+                                                 "next_due": todo.next_due})
 
     def _publish(self, row: dict[str, Any], due: datetime, beat: str) -> str:
         options = dict(row["options"])

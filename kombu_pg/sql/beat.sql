@@ -28,8 +28,10 @@ SET next_due = coalesce(%(next_due)s, next_due), last_due = coalesce(%(last_due)
 WHERE name = %(name)s
 
 -- name: skip
--- Ticks the entry's policy skips: only the due time moves.
-UPDATE {schema}.beat_entries SET next_due = %(next_due)s WHERE name = %(name)s
+-- Ticks skipped (by the entry's policy, or because publishing failed): only the due time
+-- moves, and only from the due time this beat saw, never over another beat's advance.
+UPDATE {schema}.beat_entries SET next_due = %(next_due)s
+WHERE name = %(name)s AND next_due = %(due)s
 
 -- name: next_wakeup
 -- Seconds until the earliest enabled entry is due (NULL: none).

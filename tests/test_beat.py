@@ -318,3 +318,28 @@ def test_an_entry_that_cannot_publish_does_not_hold_up_the_others(pg_conn, pg_ur
         assert entries.publish_due("test", late_after=5) == 1
         assert [row[0] for row in _ticks(pg_conn, schema)] == ["fine"]
         assert entries.get("broken")["next_due"] > pg_conn.execute("SELECT now()").fetchone()[0]
+
+
+# --- celery_dlq's reaper ------------------------------------------------------------------
+
+@pytest.mark.parametrize("setting", [{}, {"dlq_reap_interval": 15}, {"dlq_reap_interval": None}])
+def test_dlq_reaping_is_scheduled_without_setup(pg_url, schema, setting):
+    import celery_dlq
+    from kombu_pg.beat import Scheduler
+
+    app = _app(url=pg_url, schema=schema)
+    app.conf.update(setting)
+    celery_dlq.install(app)
+    app.finalize()
+    scheduler = Scheduler(app)
+    try:
+        rows = {row["name"]: row for row in scheduler.entries.list()}
+    finally:
+        scheduler.close()
+    interval = setting.get("dlq_reap_interval", 60)
+    if interval is None:
+        assert celery_dlq.REAP_TASK not in rows
+    else:
+        row = rows[celery_dlq.REAP_TASK]
+        assert row["task"] == celery_dlq.REAP_TASK and row["schedule"]["seconds"] == interval
+        assert row["options"]["expires"] == interval

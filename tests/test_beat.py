@@ -284,6 +284,12 @@ def test_runtime_changes_reach_a_running_beat(pg_conn, pg_url, schema, worker_en
         assert "Traceback" not in beat.output()  # no error logged by the beat
 
 
+def _ticks_metric(outcome: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("kombu_pg_beat_ticks_total", {"outcome": outcome}) or 0.0
+
+
 def test_missed_ticks_policy_after_downtime(pg_conn, pg_url, schema, task_log):
     task_log()
     app = _app(url=pg_url, schema=schema)
@@ -294,7 +300,10 @@ def test_missed_ticks_policy_after_downtime(pg_conn, pg_url, schema, task_log):
         # 7 s ago is later than late_after.
         pg_conn.execute(sql.SQL("UPDATE {}.beat_entries SET next_due = now() - interval '67 s'")
                         .format(sql.Identifier(schema)))
+        before = {outcome: _ticks_metric(outcome) for outcome in ("published", "skipped")}
         assert entries.publish_due("test", late_after=5) == 0 + 1 + 7
+        # skip: 7 skipped; once: 1 published, 6 skipped; catchup: 7 published.
+        assert {o: _ticks_metric(o) - before[o] for o in before} == {"published": 8, "skipped": 13}
         assert {name: count for name, count in pg_conn.execute(sql.SQL(
             "SELECT entry, count(*) FROM {}.beat_ticks GROUP BY entry").format(sql.Identifier(schema)))} == {
             "once": 1, "catchup": 7}

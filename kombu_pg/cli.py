@@ -301,34 +301,25 @@ def _known(method, name: str, *args: Any, **kwargs: Any) -> Any:
         raise click.ClickException(f"no schedule entry {name!r}") from None
 
 
-@schedule_group.command(name="enable")
-@click.argument("name")
-@click.pass_context
-def schedule_enable(ctx: click.Context, name: str) -> None:
-    """Enable entry NAME (its next run counts from now)."""
-    with _entries(ctx) as entries:
-        _known(entries.set_enabled, name, True)
-    click.echo(f"enabled {name}")
+def _simple_entry_command(name: str, help_text: str, action, done: str) -> None:
+    @schedule_group.command(name=name, help=help_text)
+    @click.argument("entry")
+    @click.pass_context
+    def command(ctx: click.Context, entry: str) -> None:
+        with _entries(ctx) as entries:
+            _known(lambda n: action(entries, n), entry)
+        click.echo(f"{done} {entry}")
 
 
-@schedule_group.command(name="disable")
-@click.argument("name")
-@click.pass_context
-def schedule_disable(ctx: click.Context, name: str) -> None:
-    """Disable entry NAME (kept, not run)."""
-    with _entries(ctx) as entries:
-        _known(entries.set_enabled, name, False)
-    click.echo(f"disabled {name}")
-
-
-@schedule_group.command(name="remove")
-@click.argument("name")
-@click.pass_context
-def schedule_remove(ctx: click.Context, name: str) -> None:
-    """Remove entry NAME (one from beat_schedule comes back at the next beat start)."""
-    with _entries(ctx) as entries:
-        _known(entries.remove, name)
-    click.echo(f"removed {name}")
+for _args in (
+    ("enable", "Enable entry ENTRY (its next run counts from now).",
+     lambda entries, n: entries.set_enabled(n, True), "enabled"),
+    ("disable", "Disable entry ENTRY (kept, not run).", lambda entries, n: entries.set_enabled(n, False),
+     "disabled"),
+    ("remove", "Remove entry ENTRY (one from beat_schedule comes back at the next beat start).",
+     lambda entries, n: entries.remove(n), "removed"),
+):
+    _simple_entry_command(*_args)
 
 
 @schedule_group.command(name="run")

@@ -346,6 +346,7 @@ def test_dlq_reaping_is_scheduled_without_setup(pg_url, schema, setting):
     scheduler = Scheduler(app)
     try:
         rows = {row["name"]: row for row in scheduler.entries.list()}
+        entries = scheduler.schedule  # Celery's view: ScheduleEntry objects rebuilt from the rows
     finally:
         scheduler.close()
     interval = setting.get("dlq_reap_interval", 60)
@@ -355,3 +356,4 @@ def test_dlq_reaping_is_scheduled_without_setup(pg_url, schema, setting):
         row = rows[celery_dlq.REAP_TASK]
         assert row["task"] == celery_dlq.REAP_TASK and row["schedule"]["seconds"] == interval
         assert row["options"]["expires"] == interval
+        assert entries[celery_dlq.REAP_TASK].schedule.run_every == timedelta(seconds=interval)

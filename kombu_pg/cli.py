@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable
 
 import click
 import psycopg
@@ -301,7 +301,7 @@ def _known(method, name: str, *args: Any, **kwargs: Any) -> Any:
         raise click.ClickException(f"no schedule entry {name!r}") from None
 
 
-def _simple_entry_command(name: str, help_text: str, action, done: str) -> None:
+def _simple_entry_command(name: str, help_text: str, action: Callable[[Any, str], None], done: str) -> None:
     @schedule_group.command(name=name, help=help_text)
     @click.argument("entry")
     @click.pass_context

@@ -357,3 +357,17 @@ def test_dlq_reaping_is_scheduled_without_setup(pg_url, schema, setting):
         assert row["task"] == celery_dlq.REAP_TASK and row["schedule"]["seconds"] == interval
         assert row["options"]["expires"] == interval
         assert entries[celery_dlq.REAP_TASK].schedule.run_every == timedelta(seconds=interval)
+
+
+def test_old_tick_records_are_pruned(pg_conn, pg_url, schema, task_log):
+    task_log()
+    app = _app(url=pg_url, schema=schema)
+    app.conf.beat_pg_ticks_kept = 3600
+    with Entries(app) as entries:
+        entries.add("e", "beat_app.tick", 10, args=["e"])
+        pg_conn.execute(sql.SQL(
+            "INSERT INTO {0}.beat_ticks (entry, due, beat, task_id) VALUES "
+            "('e', now() - interval '2 h', 'old', 'a'), ('e', now() - interval '30 min', 'recent', 'b');"
+            "UPDATE {0}.beat_entries SET next_due = now() - interval '1 s'").format(sql.Identifier(schema)))
+        assert entries.publish_due("test", late_after=5) == 1
+    assert [row[2] for row in _ticks(pg_conn, schema)] == ["recent", "test"]

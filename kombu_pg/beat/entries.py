@@ -31,6 +31,8 @@ MISSED_POLICIES = ("skip", "once", "catchup")
 CATCHUP_BATCH = 100
 #: Most due times walked to find the latest missed one (a 1 s entry after ~3 h down).
 _WALK_LIMIT = 10_000
+#: Seconds a beat_ticks row is kept (setting ``beat_pg_ticks_kept``).
+DEFAULT_TICKS_KEPT = 86400.0
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,7 @@ class Entries:
             raise TypeError(f"the app's broker is {transport.driver_type!r}, not PostgreSQL")
         self.app = app
         self.schema = schema or transport.options.schema
+        self.ticks_kept = float(app.conf.get("beat_pg_ticks_kept") or DEFAULT_TICKS_KEPT)
         self.queries = Queries(self.schema, "beat.sql")
         self._own = own or conn is None
         if conn is None:
@@ -212,6 +215,7 @@ class Entries:
                     self.conn.execute(self.queries["advance"], {
                         "name": row["name"], "next_due": todo.next_due, "last_due": todo.publish[-1],
                         "task_id": task_id, "beat": beat, "runs": len(todo.publish)})
+                    self.conn.execute(self.queries["prune"], {"name": row["name"], "keep": self.ticks_kept})
                 else:
                     self._skip(row, todo)
         except psycopg.OperationalError:

@@ -27,6 +27,12 @@ SET next_due = coalesce(%(next_due)s, next_due), last_due = coalesce(%(last_due)
     run_count = run_count + %(runs)s
 WHERE name = %(name)s
 
+-- name: prune
+-- The entry's tick records older than the kept period (primary-key range, so cheap enough
+-- to run with every publish).
+DELETE FROM {schema}.beat_ticks
+WHERE entry = %(name)s AND due < now() - make_interval(secs => %(keep)s)
+
 -- name: skip
 -- Ticks skipped (by the entry's policy, or because publishing failed): only the due time
 -- moves, and only from the due time this beat saw, never over another beat's advance.

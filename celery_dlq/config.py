@@ -34,7 +34,7 @@ DEFAULTS: dict[str, Any] = {
     # Task names never captured.
     "dlq_excluded_tasks": (),
     # Seconds between beat runs of celery_dlq.reap; None: not scheduled by install().
-    "dlq_reap_interval": None,
+    "dlq_reap_interval": 60.0,
     # Messages per reaping statement (the reaper loops until none are left).
     "dlq_reap_batch_size": 500,
     # Capture exhausted messages when a worker starts (before --purge and consuming).

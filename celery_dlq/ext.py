@@ -608,9 +608,11 @@ def install(app) -> DeadLetterQueue:
 
     def schedule(sender=None, **kwargs):
         _dead_letter_broker_rejects(app)
-        interval = app.conf.get("dlq_reap_interval")
+        interval = app.conf.get("dlq_reap_interval", config.DEFAULTS["dlq_reap_interval"])
         if interval:
-            app.add_periodic_task(float(interval), app.signature(REAP_TASK), name=REAP_TASK)
+            # A reap still waiting when the next one is due is redundant: it expires then.
+            app.add_periodic_task(float(interval), app.signature(REAP_TASK), name=REAP_TASK,
+                                  expires=float(interval))
 
     if app.configured:
         schedule()

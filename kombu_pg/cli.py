@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable
 
 import click
 import psycopg
@@ -167,6 +167,168 @@ def metrics_command(ctx: click.Context, port: int, addr: str, results: bool, dlq
         server.shutdown()
         server.server_close()
 
+
+
+@pg.group(name="schedule")
+def schedule_group() -> None:
+    """Periodic tasks kept in the database (celery beat -S kombu_pg.beat:Scheduler)."""
+
+
+def _entries(ctx: click.Context):
+    from .beat import Entries
+
+    app = getattr(ctx.obj, "app", None)
+    if app is None:
+        raise click.UsageError("pg schedule needs the app: celery -A proj pg schedule ...")
+    target = Target.resolve(ctx)
+    conn = target.connect()
+    if current_version(conn, target.options.schema) < all_migrations()[-1].version:
+        conn.close()
+        raise click.ClickException(f"schema {target.options.schema!r} is not up to date; run `pg migrate`")
+    return Entries(app, conn, schema=target.options.schema, own=True)
+
+
+def _schedule_fields(every: float | None, cron: str | None, args: str | None, kwargs: str | None,
+                     queue: str | None, priority: int | None, expires: float | None, header: tuple[str, ...],
+                     missed: str | None) -> dict[str, Any]:
+    from celery.schedules import crontab
+
+    if every is not None and cron is not None:
+        raise click.UsageError("give --every or --cron, not both")
+    fields: dict[str, Any] = {}
+    if every is not None:
+        fields["schedule"] = every
+    if cron is not None:
+        try:
+            minute, hour, day_of_month, month_of_year, day_of_week = cron.split()
+            fields["schedule"] = crontab(minute, hour, day_of_week, day_of_month, month_of_year)
+        except ValueError as exc:
+            raise click.UsageError(f"--cron wants five fields (m h dom mon dow): {exc}") from None
+    for name, text in (("args", args), ("kwargs", kwargs)):
+        if text is not None:
+            try:
+                fields[name] = json.loads(text)
+            except ValueError as exc:
+                raise click.UsageError(f"--{name} is not JSON: {exc}") from None
+    options = {k: v for k, v in (("queue", queue), ("priority", priority), ("expires", expires))
+               if v is not None}
+    if header:
+        options["headers"] = dict(h.split("=", 1) for h in header)
+    if options:
+        fields["options"] = options
+    if missed is not None:
+        fields["missed"] = missed
+    return fields
+
+
+_ENTRY_OPTIONS = [
+    click.option("--every", type=click.FloatRange(0, min_open=True), help="Run every N seconds."),
+    click.option("--cron", help='Crontab "m h dom mon dow" in the app\'s timezone.'),
+    click.option("--args", help="Positional arguments, a JSON list."),
+    click.option("--kwargs", help="Keyword arguments, a JSON object."),
+    click.option("--queue"), click.option("--priority", type=int),
+    click.option("--expires", type=float, help="Seconds after publishing that the task expires."),
+    click.option("--header", multiple=True, help="KEY=VALUE message header (serial_key, job_key...)."),
+    click.option("--missed", type=click.Choice(["skip", "once", "catchup"]),
+                 help="Ticks missed while no beat ran (default once)."),
+]
+
+
+def _entry_options(func):
+    for option in reversed(_ENTRY_OPTIONS):
+        func = option(func)
+    return func
+
+
+@schedule_group.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def schedule_list(ctx: click.Context, as_json: bool) -> None:
+    """Entries with their next run, last run, last task id and the beat that published it."""
+    from .beat.schedules import describe
+
+    with _entries(ctx) as entries:
+        rows = entries.list()
+    if as_json:
+        click.echo(json.dumps(rows, default=_json_default, indent=2))
+        return
+    columns = ["name", "task", "schedule", "enabled", "missed", "next_run", "last_run", "last_task_id",
+               "last_beat", "runs"]
+    _table(columns, [[r["name"], r["task"], describe(r["schedule"]), "yes" if r["enabled"] else "no",
+                      r["missed"], _when(r["next_due"]), _when(r["last_run_at"]), r["last_task_id"] or "-",
+                      r["last_beat"] or "-", str(r["run_count"])] for r in rows])
+
+
+def _when(value: datetime | None) -> str:
+    return "-" if value is None else value.isoformat(timespec="seconds")
+
+
+@schedule_group.command(name="add")
+@click.argument("name")
+@click.argument("task")
+@_entry_options
+@click.option("--disabled", is_flag=True, help="Add it disabled.")
+@click.pass_context
+def schedule_add(ctx: click.Context, name: str, task: str, disabled: bool, **options: Any) -> None:
+    """Add (or replace) entry NAME running TASK, with --every or --cron."""
+    fields = _schedule_fields(**options)
+    if "schedule" not in fields:
+        raise click.UsageError("give --every SECONDS or --cron 'm h dom mon dow'")
+    with _entries(ctx) as entries:
+        entries.add(name, task, fields.pop("schedule"), enabled=not disabled, **fields)
+    click.echo(f"added {name}")
+
+
+@schedule_group.command(name="change")
+@click.argument("name")
+@click.option("--task")
+@_entry_options
+@click.pass_context
+def schedule_change(ctx: click.Context, name: str, task: str | None, **options: Any) -> None:
+    """Change entry NAME's task, schedule, arguments, options or missed-ticks policy."""
+    fields = _schedule_fields(**options)
+    if task:
+        fields["task"] = task
+    with _entries(ctx) as entries:
+        _known(entries.change, name, **fields)
+    click.echo(f"changed {name}")
+
+
+def _known(method, name: str, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return method(name, *args, **kwargs)
+    except KeyError:
+        raise click.ClickException(f"no schedule entry {name!r}") from None
+
+
+def _simple_entry_command(name: str, help_text: str, action: Callable[[Any, str], None], done: str) -> None:
+    @schedule_group.command(name=name, help=help_text)
+    @click.argument("entry")
+    @click.pass_context
+    def command(ctx: click.Context, entry: str) -> None:
+        with _entries(ctx) as entries:
+            _known(lambda n: action(entries, n), entry)
+        click.echo(f"{done} {entry}")
+
+
+for _args in (
+    ("enable", "Enable entry ENTRY (its next run counts from now).",
+     lambda entries, n: entries.set_enabled(n, True), "enabled"),
+    ("disable", "Disable entry ENTRY (kept, not run).", lambda entries, n: entries.set_enabled(n, False),
+     "disabled"),
+    ("remove", "Remove entry ENTRY (one from beat_schedule comes back at the next beat start).",
+     lambda entries, n: entries.remove(n), "removed"),
+):
+    _simple_entry_command(*_args)
+
+
+@schedule_group.command(name="run")
+@click.argument("name")
+@click.pass_context
+def schedule_run(ctx: click.Context, name: str) -> None:
+    """Publish entry NAME's task now, once (its schedule is unchanged); prints the task id."""
+    with _entries(ctx) as entries:
+        click.echo(_known(entries.run_now, name))
 
 def _dead_letters(conn: psycopg.Connection, schema: str) -> int | None:
     # The DLQ table belongs to celery_dlq's migration; report None where it is absent.

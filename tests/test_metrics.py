@@ -364,6 +364,7 @@ def test_label_sets_are_bounded(pg_url, schema):
         "kombu_pg_results": {"state"}, "kombu_pg_scrape_ok": {"part"},
         "kombu_pg_scrape_duration_seconds": {"part"}, "kombu_pg_scrape_age_seconds": {"part"},
         "kombu_pg_poison_messages_deleted_total": {"reason"},
+        "kombu_pg_beat_ticks_total": {"outcome"},
     }
     ours = {(name, labels): v for (name, labels), v in found.items() if name.startswith("kombu_pg_")}
     assert ("kombu_pg_queue_ready_messages", frozenset({("queue", "bounded")})) in ours

@@ -126,3 +126,14 @@ def test_x_expires(connection, dlq_installed, pg_conn, schema, caplog):
         _recovery_pass(connection)
     assert _count(pg_conn, schema, "queues", "name = 'cap_x_expires'") == 0
     _check(pg_conn, schema, caplog, "cap_x_expires", "queue_deleted", dlq_installed, before)
+
+
+def test_a_recovery_pass_reaps_poison_when_celery_dlq_is_installed(connection, dlq_installed, pg_conn, schema):
+    """Poison need not wait for beat or a worker restart to run the reaper: with celery_dlq
+    installed every recovery pass moves it (the reaper's statement); without, it stays."""
+    _poison(connection, kombu.Queue("stuck"))
+    report = connection.default_channel.connection._maintenance_store().recover([])
+    assert report.ran and not report.failed
+    assert report.reaped == (1 if dlq_installed else 0)
+    assert _count(pg_conn, schema, "dlq") == report.reaped
+    assert _count(pg_conn, schema, "messages", "delivery_count >= %s", (MAX_DELIVERIES,)) == 1 - report.reaped

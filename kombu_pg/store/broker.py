@@ -109,8 +109,15 @@ class RecoveryReport:
     #: message expiry, and with the removed queues.
     poison_expired: dict[str, int] = field(default_factory=dict)
     poison_in_expired_queues: dict[str, int] = field(default_factory=dict)
+    #: Poison moved into the DLQ (celery_dlq installed) by the pass's own reaping.
+    reaped: int = 0
     #: Parts of the pass that failed (each logged); the others still ran.
     failed: list[str] = field(default_factory=list)
+
+
+#: With celery_dlq installed, a recovery pass moves up to this many reaper batches (500
+#: messages each) of poison into the DLQ.
+REAP_BATCHES_PER_PASS = 4
 
 
 class BrokerStore:
@@ -470,19 +477,28 @@ class BrokerStore:
                       expired: bool = False) -> int | None:
         """Before a deletion: the delivery count from which a message it deletes is poison.
 
-        With celery_dlq installed (its row in ``dlq_installed``), the poison among the
-        messages about to be deleted (``queues``' or the ``expired`` ones) is first moved
-        into the DLQ by the reaper's statement, and its ``max_deliveries`` is the limit;
-        otherwise the transport's ``max_deliveries`` (None: no limit, nothing is poison).
+        With celery_dlq installed, the poison among the messages about to be deleted
+        (``queues``' or the ``expired`` ones) is first moved into the DLQ (see
+        :meth:`_reap_installed`), and its ``max_deliveries`` is the limit; otherwise the
+        transport's ``max_deliveries`` (None: no limit, nothing is poison).
         """
+        installed_max, _ = self._reap_installed(queues=queues, expired=expired)
+        return max_deliveries if installed_max is None else installed_max
+
+    def _reap_installed(self, *, queues: Sequence[str] | None = None, expired: bool = False,
+                        max_batches: int | None = None) -> tuple[int | None, int]:
+        """With celery_dlq installed (its row in ``dlq_installed``), move the poison of
+        ``queues`` (only the expired with ``expired``; all without either) into the DLQ with
+        the reaper's statement.  Returns celery_dlq's ``max_deliveries`` (None: not
+        installed) and how many moved; the reap runs only when there is poison, so a pass
+        never waits for a lock on a DLQ table it does not need."""
         row = self._dlq_exec("installed", {"queues": list(queues) if queues else None,
                                            "expired": expired}).fetchone()
         if row is None:
-            return max_deliveries
+            return None, 0
         installed_max, poison_found = row
-        if poison_found:
-            self.reap(installed_max, queues=queues, expired=expired)
-        return installed_max
+        moved = self.reap(installed_max, queues=queues, expired=expired, max_batches=max_batches) if poison_found else 0
+        return installed_max, moved
 
     def quarantine(self, token: str, error: str) -> None:
         self._exec("quarantine", {"token": token, "error": error, "channel": self.channel})
@@ -571,7 +587,15 @@ class BrokerStore:
             def expire_queues() -> None:
                 self._delete_unused_queues(report, max_deliveries)
 
-            for part in (release, expire_messages, expire_queues):
+            def reap_poison() -> None:
+                # Poison need not wait for beat or a worker start to run celery_dlq's reaper.
+                # Bounded per pass, and never stuck behind a lock on the DLQ table (the pass
+                # runs on a worker's event-loop thread): this part is last, so the local
+                # lock_timeout covers it alone.
+                self._execute("SELECT set_config('lock_timeout', '1000', true)")
+                report.reaped = self._reap_installed(max_batches=REAP_BATCHES_PER_PASS)[1]
+
+            for part in (release, expire_messages, expire_queues, reap_poison):
                 self._recovery_part(part, report)
         if report.released:
             logger.warning(

@@ -97,7 +97,8 @@ class Options:
     #: claim or ack undone by a server crash only means a redelivery (as with
     #: RabbitMQ, whose acks are not confirmed either); publishes are always durable.
     durable_acks: bool = False
-    #: Seconds a producer waits before sending another NOTIFY for the same queue.
+    #: Deprecated and ignored (accepted so existing settings keep working): publishes no
+    #: longer debounce their NOTIFYs, they notify only queues with an idle consumer.
     notify_debounce: float = 0.02
     #: Extra libpq connection parameters (e.g. ``sslrootcert``, ``keepalives_idle``),
     #: merged into the connection string; they override the URL.

@@ -1,0 +1,163 @@
+"""Wake-ups: a publish notifies exactly the queues that have an idle consumer.
+
+Consumers here never poll (polling and recovery intervals of an hour): a message they
+get after waiting came through a NOTIFY.  Which NOTIFYs a publish sent is read with a
+marker: NOTIFYs arrive in commit order, so once a marker sent after the publish returned
+arrives, the publish's own NOTIFY (if any) has arrived before it.
+"""
+
+from __future__ import annotations
+
+import queue as queue_module
+import threading
+import time
+
+import psycopg
+import pytest
+from kombu import Connection, Consumer, Producer, Queue
+from psycopg import sql
+
+from kombu_pg.store import BrokerStore, apply_migrations
+
+NO_POLLING = {"polling_interval": 3600.0, "recovery_interval": 3600.0}
+#: Seconds between publishes on one route, the request → task → result pattern included.
+GAPS = (0.0005, 0.002, 0.005, 0.015, 0.030, 0.060)
+STOP = "stop"
+
+
+def _idle_marks(pg_conn, schema: str, queue: str) -> int:
+    """Sessions marked idle on ``queue`` (BrokerStore.mark_idle: a shared advisory lock)."""
+    return pg_conn.execute(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ShareLock' AND granted"
+        " AND classid::text::bigint = hashtext(%s)::bigint & 4294967295"
+        " AND objid::text::bigint = hashtext(%s)::bigint & 4294967295 AND objsubid = 2",
+        (f"{schema}:idle", queue)).fetchone()[0]
+
+
+def _await_idle(pg_conn, schema: str, queue: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not _idle_marks(pg_conn, schema, queue):
+        assert time.monotonic() < deadline, "the consumer never went idle"
+        time.sleep(0.005)  # polling a state in another session: there is no event to await
+
+
+class Notifications:
+    """A LISTEN session on the queue channel."""
+
+    def __init__(self, pg_url: str, schema: str, pg_conn) -> None:
+        self.channel = f"{schema}:queues"
+        self._pg_conn = pg_conn
+        self.conn = psycopg.connect(pg_url, autocommit=True)
+        self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+
+    def until_marker(self) -> list[str]:
+        self._pg_conn.execute("SELECT pg_notify(%s, 'marker')", (self.channel,))
+        got = []
+        for notification in self.conn.notifies(timeout=30):
+            if notification.payload == "marker":
+                return got
+            got.append(notification.payload)
+        raise AssertionError(f"the marker NOTIFY never arrived; got {got}")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@pytest.fixture
+def consumer(pg_url, schema):
+    """A Kombu consumer of queue "work" draining in a thread; its bodies arrive in a queue."""
+    received: queue_module.Queue = queue_module.Queue()
+    conn = Connection(pg_url, transport_options={"schema": schema, **NO_POLLING})
+    ready = threading.Event()
+
+    def run():
+        def on_message(body, message):
+            message.ack()
+            received.put(body)
+
+        with Consumer(conn, [Queue("work")], callbacks=[on_message]):
+            ready.set()
+            while True:
+                conn.drain_events(timeout=3600)
+                if received.queue and received.queue[-1] == STOP:
+                    return
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(30)
+    yield received
+    with Connection(pg_url, transport_options={"schema": schema}) as stopper:
+        Producer(stopper).publish(STOP, routing_key="work")
+    thread.join(30)
+    conn.release()
+
+
+@pytest.mark.parametrize("gap", GAPS, ids=[f"{g * 1000:g}ms" for g in GAPS])
+def test_a_publish_after_a_short_gap_wakes_the_idle_consumer_through_its_own_notify(
+        pg_url, schema, pg_conn, consumer, gap):
+    """The previous publish on the route was ``gap`` ago: the next one still notifies the
+    idle consumer at once (a debounced one waited for a trailing NOTIFY, up to 40 ms)."""
+    notifications = Notifications(pg_url, schema, pg_conn)
+    try:
+        with Connection(pg_url, transport_options={"schema": schema}) as producer_conn:
+            producer = Producer(producer_conn)
+            _await_idle(pg_conn, schema, "work")
+            first = time.monotonic()
+            producer.publish("first", routing_key="work")
+            assert consumer.get(timeout=30) == "first"
+            _await_idle(pg_conn, schema, "work")
+            # Sleeping is the scenario here: the gap since the previous publish.
+            time.sleep(max(0.0, first + gap - time.monotonic()))
+            producer.publish("second", routing_key="work")
+            assert "work" in notifications.until_marker()  # sent by the publish itself
+            # No poll for an hour: only that NOTIFY can deliver it.
+            assert consumer.get(timeout=30) == "second"
+    finally:
+        notifications.close()
+
+
+def test_publishes_to_a_busy_or_absent_consumer_do_not_notify(pg_url, schema, pg_conn):
+    """What the debounce was for: a stream of publishes nobody waits for sends no NOTIFY,
+    and once a consumer waits, the next publish does."""
+    notifications = Notifications(pg_url, schema, pg_conn)
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as work, psycopg.connect(pg_url, autocommit=True) as idle:
+            apply_migrations(work, schema)
+            producer, sleeper = BrokerStore(work, schema), BrokerStore(idle, schema)
+            for n in range(5):
+                producer.publish("q", f"m{n}")
+            assert notifications.until_marker() == []  # nobody idle: no NOTIFY at all
+            sleeper.mark_idle(["q"])
+            producer.publish("q", "wake")
+            producer.publish("other", "x")  # another queue: still nobody idle there
+            assert notifications.until_marker() == ["q"]
+            sleeper.mark_busy(["q"])
+            producer.publish("q", "busy")
+            producer.publish("q", "delayed-style forced", notify=True)
+            assert notifications.until_marker() == ["q"]  # only the forced one
+    finally:
+        notifications.close()
+
+
+def test_a_consumer_going_idle_waits_for_a_publish_that_looked_before_it(pg_url, schema, pg_conn):
+    """The ordering mark_idle relies on: a publish that found nobody idle holds its lock
+    until it commits, and marking idle waits for it, so the claim after the mark sees it."""
+    with psycopg.connect(pg_url, autocommit=True) as work, psycopg.connect(pg_url, autocommit=True) as idle:
+        apply_migrations(work, schema)
+        producer, sleeper = BrokerStore(work, schema), BrokerStore(idle, schema)
+        marked = threading.Event()
+        with work.transaction():  # a publish still in flight: looked, not committed
+            producer.publish("q", "in flight")
+            thread = threading.Thread(target=lambda: (sleeper.mark_idle(["q"]), marked.set()), daemon=True)
+            thread.start()
+            # The mark waits for this transaction: it is queued on the publishing lock.
+            deadline = time.monotonic() + 30
+            while not pg_conn.execute(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                    " AND mode = 'ExclusiveLock' AND pid = %s", (idle.info.backend_pid,)).fetchone()[0]:
+                assert time.monotonic() < deadline, "mark_idle did not wait for the publish in flight"
+                time.sleep(0.005)
+            assert not marked.is_set()
+        assert marked.wait(30)
+        thread.join(30)
+        assert producer.size("q") == 1  # what the claim after the mark finds

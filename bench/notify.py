@@ -55,7 +55,7 @@ class _Channel(Channel):
     notify: bool | None = None
 
     def _should_notify(self, row: Any) -> bool | None:
-        return True if row.visible_at is not None else self.notify
+        return self.notify
 
 
 class _NoNotifyChannel(_Channel):

@@ -287,9 +287,8 @@ class Channel(virtual.Channel):
         metrics.published(row.serial_key is not None, monotonic() - started)
 
     def _should_notify(self, row: "_Row") -> bool | None:
-        # A delayed message's NOTIFY announces its due time to every consumer, idle or not.
-        # Otherwise None: only queues with an idle consumer are notified.
-        return True if row.visible_at is not None else None
+        # None: the store decides (delayed messages, and queues with an idle consumer).
+        return None
 
     def _insert_job(self, queue: str, row: "_Row") -> None:
         started = monotonic()

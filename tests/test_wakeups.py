@@ -14,10 +14,13 @@ import time
 
 import psycopg
 import pytest
+from celery import Celery
 from kombu import Connection, Consumer, Producer, Queue
 from psycopg import sql
 
 from kombu_pg.store import BrokerStore, apply_migrations
+
+from .worker import CeleryWorker, wait_until
 
 NO_POLLING = {"polling_interval": 3600.0, "recovery_interval": 3600.0}
 #: Seconds between publishes on one route, the request → task → result pattern included.
@@ -114,6 +117,39 @@ def test_a_publish_after_a_short_gap_wakes_the_idle_consumer_through_its_own_not
             assert consumer.get(timeout=30) == "second"
     finally:
         notifications.close()
+
+
+def _ran(task_log, arg: str) -> bool:
+    return any(row[1] == arg for row in task_log("record"))
+
+
+@pytest.mark.parametrize("pool,concurrency", [("threads", 4), ("prefork", 2)])
+def test_a_celery_worker_is_woken_by_each_publish_after_any_gap(pg_url, schema, pg_conn, task_log, pool,
+                                                                 concurrency):
+    """The same through Celery's event loop: the worker marks itself idle between tasks,
+    and each publish wakes it through its own NOTIFY (the worker never polls here)."""
+    env = {"KOMBU_PG_URL": pg_url, "KOMBU_PG_SCHEMA": schema, "POLLING_INTERVAL": "3600",
+           "RECOVERY_INTERVAL": "3600"}
+    client = Celery("client", broker=pg_url, set_as_current=False)
+    client.conf.broker_transport_options = {"schema": schema}
+    notifications = Notifications(pg_url, schema, pg_conn)
+    try:
+        with CeleryWorker("celery_app", env, pool=pool, concurrency=concurrency) as worker:
+            worker.wait_ready()
+            for n, gap in enumerate(GAPS):
+                _await_idle(pg_conn, schema, "celery")
+                first = time.monotonic()
+                client.send_task("celery_app.record", (f"first-{n}",))
+                wait_until(lambda: _ran(task_log, f"first-{n}"), what="first task")
+                _await_idle(pg_conn, schema, "celery")
+                notifications.until_marker()  # forget the NOTIFYs so far
+                time.sleep(max(0.0, first + gap - time.monotonic()))  # the gap is the scenario
+                client.send_task("celery_app.record", (f"second-{n}",))
+                assert "celery" in notifications.until_marker()
+                wait_until(lambda: _ran(task_log, f"second-{n}"), what="second task")
+    finally:
+        notifications.close()
+        client.close()
 
 
 def test_publishes_to_a_busy_or_absent_consumer_do_not_notify(pg_url, schema, pg_conn):

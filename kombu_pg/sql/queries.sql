@@ -92,13 +92,15 @@ SELECT queue, exchange, routing_key FROM {schema}.bindings ORDER BY exchange, qu
 
 -- name: wake
 -- Whether a publish to `queue` notifies (a fragment of publish and publish_routed): as
--- %(notify)s says when it is set, else only when a consumer of the queue is idle.  An idle
+-- %(notify)s says when it is set; else always for a delayed message (its NOTIFY announces
+-- a due time to every consumer), and only when a consumer of the queue is idle.  An idle
 -- consumer holds a shared advisory lock on (idle, queue); taking it exclusively and
 -- releasing it at once fails only then.  Before looking, the publish takes a shared lock
 -- on (publishing, queue) until it commits (or notifies when it cannot: a consumer is
 -- going idle right now), which a consumer going idle waits for (mark_idle): see
 -- BrokerStore.mark_idle for why no wake-up is lost.  CASE: evaluated in this order.
 CASE WHEN %(notify)s::boolean IS NOT NULL THEN %(notify)s::boolean
+     WHEN %(notify_payload)s::text IS NOT NULL THEN true
      WHEN NOT pg_try_advisory_xact_lock_shared(hashtext(%(publishing)s), hashtext(queue)) THEN true
      WHEN pg_try_advisory_lock(hashtext(%(idle)s), hashtext(queue))
          THEN NOT pg_advisory_unlock(hashtext(%(idle)s), hashtext(queue))

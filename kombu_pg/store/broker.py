@@ -271,8 +271,9 @@ class BrokerStore:
     ) -> None:
         """Insert one message; durable when this returns (autocommit).
 
-        ``notify``: True or False sends a NOTIFY or not; None (the default) sends one only
-        when a consumer of the queue is idle, waiting for one (see :meth:`mark_idle`).
+        ``notify``: True or False sends a NOTIFY or not; None (the default) sends one for a
+        delayed message, else only when a consumer of the queue is idle, waiting for one
+        (see :meth:`mark_idle`).
         A ``visible_at`` in the future delays delivery until then (see :meth:`promote_due`);
         the NOTIFY then says when (:func:`due_payload`, on :attr:`due_channel`) instead of
         naming the queue.

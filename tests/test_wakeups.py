@@ -197,3 +197,10 @@ def test_a_consumer_going_idle_waits_for_a_publish_that_looked_before_it(pg_url,
         assert marked.wait(30)
         thread.join(30)
         assert producer.size("q") == 1  # what the claim after the mark finds
+
+
+def test_notify_debounce_is_accepted_and_said_to_be_ignored(pg_url, schema, caplog):
+    with caplog.at_level("WARNING", logger="kombu_pg.transport"):
+        with Connection(pg_url, transport_options={"schema": schema, "notify_debounce": 0.02}) as conn:
+            conn.connect()
+    assert "notify_debounce option is deprecated and ignored" in caplog.text

@@ -126,22 +126,23 @@ def notify_cost(ctx: Context, broker: Broker) -> Measured:
     return out
 
 
-def _publish_concurrently(ctx: Context, broker: Broker, queue: str) -> tuple[float | None, int]:
-    """(msg/s of the producers together or None if they stalled, NOTIFYs for ``queue``)."""
-    share = ctx.params.messages // PRODUCERS
+def _publish_concurrently(ctx: Context, broker: Broker, queue: str,
+                          count: int = PRODUCERS) -> tuple[float | None, int]:
+    """(msg/s of ``count`` producers together or None if they stalled, NOTIFYs for ``queue``)."""
+    share = ctx.params.messages // count
     pad = "x" * ctx.params.payload_bytes
     consumer: list[Member] = [(consume, (broker, queue, PREFETCH, None))]
-    producers: list[Member] = [(produce, (broker, queue, share, pad))] * PRODUCERS
+    producers: list[Member] = [(produce, (broker, queue, share, pad))] * count
     with NotifyCounter(broker, queue) as counter, Fleet(consumer) as draining:
         draining.go()
         with Fleet(producers) as publishing:
             started = publishing.go()
-            published = publishing.wait(share * PRODUCERS, ctx.params.stall_timeout_s)
+            published = publishing.wait(share * count, ctx.params.stall_timeout_s)
             results = publishing.finish()
         draining.finish()
-    if published < share * PRODUCERS:
+    if published < share * count:
         return None, counter.count
-    return share * PRODUCERS / (max(r["finished"] for r in results) - started), counter.count
+    return share * count / (max(r["finished"] for r in results) - started), counter.count
 
 
 class NotifyCounter:

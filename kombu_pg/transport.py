@@ -806,13 +806,16 @@ class Transport(virtual.Transport):
         if claim.channel not in self.channels:
             self._hand_back(messages)  # closed meanwhile: nobody can ack these
             return
+        full = len(messages) == claim.limit
+        drained_idle = not full and claim.queue in self._idle
+        if drained_idle:
+            # Before delivering: an ack during delivery may make the queue pending again.
+            self._pending.discard(claim.queue)  # publishes to it notify
         for message in messages:
             self._deliver(message, claim.queue)
-        if len(messages) == claim.limit:
+        if full:
             self.mark_busy(claim.queue)  # more may wait: no NOTIFY needed to come back
-        elif claim.queue in self._idle:
-            self._pending.discard(claim.queue)  # drained, and publishes to it notify
-        else:
+        elif not drained_idle:
             self.mark_idle({claim.queue})  # stays pending: claimed again once marked
 
     def _abandon_claim(self) -> None:

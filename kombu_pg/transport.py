@@ -790,6 +790,9 @@ class Transport(virtual.Transport):
                     self._claimer = ThreadPoolExecutor(1, thread_name_prefix="kombu-pg-claim")
                 future = self._claimer.submit(channel.fetch, queue, limit)
                 self._claim = _PendingClaim(channel, queue, limit, future)
+                # Taken by this claim: a NOTIFY that arrives while it runs (for a message
+                # it may not see) makes the queue pending again.
+                pending.discard(queue)
                 # (Not after close: the wake pipe is gone and must not be made again.)
                 future.add_done_callback(lambda _: self._wake_fds is not None and self._poke())
                 return
@@ -807,16 +810,15 @@ class Transport(virtual.Transport):
             self._hand_back(messages)  # closed meanwhile: nobody can ack these
             return
         full = len(messages) == claim.limit
-        drained_idle = not full and claim.queue in self._idle
-        if drained_idle:
-            # Before delivering: an ack during delivery may make the queue pending again.
-            self._pending.discard(claim.queue)  # publishes to it notify
+        if full:
+            self._pending.add(claim.queue)  # more may wait
         for message in messages:
             self._deliver(message, claim.queue)
         if full:
-            self.mark_busy(claim.queue)  # more may wait: no NOTIFY needed to come back
-        elif not drained_idle:
-            self.mark_idle({claim.queue})  # stays pending: claimed again once marked
+            self.mark_busy(claim.queue)  # no NOTIFY needed to come back
+        elif claim.queue not in self._idle:
+            self.mark_idle({claim.queue})  # pending again: claimed once more after the mark
+        # Else drained, and publishes to it notify.
 
     def _abandon_claim(self) -> None:
         """Leaving the event loop: wait for a claim in flight and hand its messages back."""

@@ -204,3 +204,36 @@ def test_notify_debounce_is_accepted_and_said_to_be_ignored(pg_url, schema, capl
         with Connection(pg_url, transport_options={"schema": schema, "notify_debounce": 0.02}) as conn:
             conn.connect()
     assert "notify_debounce option is deprecated and ignored" in caplog.text
+
+
+def test_a_notify_that_arrives_while_a_claim_runs_is_not_dropped_when_it_returns(pg_url, schema):
+    """Event loop: the claim in flight may not see a message committed after its snapshot;
+    that message's NOTIFY (the consumer is idle) must make the queue pending again, not be
+    cleared when the claim comes back short."""
+    import select
+
+    from kombu.asynchronous import Hub
+
+    options = {"schema": schema, **NO_POLLING}
+    with Connection(pg_url, transport_options=options) as c, \
+            Connection(pg_url, transport_options={"schema": schema}) as producer_conn:
+        transport = c.transport
+        with Consumer(c, [Queue("race")], callbacks=[lambda body, message: message.ack()], prefetch_count=8):
+            transport.register_with_event_loop(c.connection, Hub())
+            try:
+                # Claim until the queue is drained and this consumer idle on it.
+                while "race" not in transport._idle or "race" in transport._pending:
+                    transport._fetch_pending()
+                    transport._claim.future.result(timeout=30)
+                    transport._finish_claim()
+                transport._pending.add("race")  # a safety poll, say: a claim starts
+                transport._fetch_pending()
+                assert transport._claim.future.result(timeout=30) == []  # it found nothing
+                Producer(producer_conn).publish("late", routing_key="race")
+                # Its NOTIFY arrives while the claim has not been finished by the loop.
+                assert select.select([transport.listener().fileno()], [], [], 30)[0]
+                transport._on_notify()
+                transport._finish_claim()
+                assert "race" in transport._pending  # the next tick claims "late"
+            finally:
+                transport.unregister_from_event_loop()

@@ -33,6 +33,8 @@ class Broker:
     backend_label: str = ""
     #: Why the row is skipped (unreachable, not installed); None when usable.
     skip: str | None = None
+    #: A Kombu transport class to use instead of the URL's (a bench arm's variant).
+    transport: type | None = None
 
     @property
     def is_reference(self) -> bool:
@@ -41,7 +43,10 @@ class Broker:
 
     def connection(self) -> Connection:
         return Connection(
-            self.url, transport_options=dict(self.transport_options), connect_timeout=5
+            self.url,
+            transport_options=dict(self.transport_options),
+            connect_timeout=5,
+            transport=self.transport,
         )
 
 

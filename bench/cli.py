@@ -20,6 +20,7 @@ from . import brokers as brokers_mod
 # Importing a scenario module registers its scenarios, in report order.
 from . import kombu_level  # noqa: F401  isort: skip
 from . import celery_level  # noqa: F401  isort: skip
+from . import latency  # noqa: F401  isort: skip
 from . import kombu_pg_features  # noqa: F401  isort: skip
 from . import scaling  # noqa: F401  isort: skip
 from . import depth  # noqa: F401  isort: skip

@@ -1,27 +1,26 @@
-"""kombu_pg only: what NOTIFY costs concurrent producers, with the shipped debouncing.
+"""kombu_pg only: what NOTIFY costs concurrent producers, with the shipped wake-ups.
 
 A NOTIFY takes a cluster-wide lock at commit, held through the commit's WAL flush, so
-commits that notify cannot overlap.  kombu_pg's producers therefore send at most one NOTIFY
-per queue per ``notify_debounce`` seconds (20 ms; ``NotifyDebouncer``), on the default
-exchange, which is Celery's task path.  Here 4 producer processes (:mod:`bench.fleet`)
-publish N single persistent messages in all, through the default exchange, to one queue
-that a consumer process drains meanwhile (prefetch 100, ack each), so the NOTIFYs have a
-listener to wake.  Three arms, differing only in ``notify_debounce``:
+commits that notify cannot overlap.  kombu_pg's publishes therefore notify a queue only
+when a consumer of it is idle (``BrokerStore.mark_idle``).  Here 4 producer processes
+(:mod:`bench.fleet`) publish N single persistent messages in all, through the default
+exchange, which is Celery's task path, to one queue that a consumer process drains
+meanwhile (prefetch 100, ack each), so the NOTIFYs have a listener to wake.  Three arms,
+differing only in whether the producers' publishes notify:
 
-* **shipped**: the default, 20 ms;
-* **no NOTIFY**: 3,600 s, so each producer notifies once, at its warm-up publish before the
-  clock starts, and never again (a trailing NOTIFY would be an hour later).  kombu_pg has no
-  switch to turn NOTIFY off; this is the option-only way, with no patching.  Its consumer
-  polls every 20 ms instead (``polling_interval``), so that, as in the other arms, it drains
-  while the producers publish: an idle consumer would leave them the CPUs and flatter the
-  arm (on 2 vCPUs by ~1.5x);
-* **NOTIFY each**: 0, one NOTIFY per message: what the debouncing saves.
+* **shipped**: the default, a NOTIFY when the consumer is idle;
+* **no NOTIFY**: never (a transport variant whose publishes pass ``notify=False``).  Its
+  consumer polls every 20 ms instead (``polling_interval``), so that, as in the other
+  arms, it drains while the producers publish: an idle consumer would leave them the
+  CPUs and flatter the arm (on 2 vCPUs by ~1.5x);
+* **NOTIFY each**: one NOTIFY per message (``notify=True``): what waking only idle
+  consumers saves.
 
 Throughput = N / (release of the producers until the last publish returned).  The arms run
 interleaved for ROUNDS rounds, each on a fresh queue with fresh processes; the table shows
 each arm's median.  A LISTEN session in the bench process counts the NOTIFYs each round
 sent for its queue (warm-ups included), as a check that the arms differ as intended.  The
-target (issue #9): shipped within 20 % of no NOTIFY.
+target (issue #17): shipped within 10 % of no NOTIFY.
 """
 
 from __future__ import annotations
@@ -35,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg import sql
 
-from kombu_pg.config import Options
 from kombu_pg.store import BrokerStore
+from kombu_pg.transport import Channel, Transport
 
 from .brokers import Broker, delete_entities
 from .fill import schema_of
@@ -49,33 +48,58 @@ if TYPE_CHECKING:
 
 PRODUCERS = 4
 ROUNDS = 3
-TARGET = 0.8  # shipped ÷ no NOTIFY
-SHIPPED_DEBOUNCE = Options().notify_debounce
-#: (metric key, header, transport options of the arm)
-ARMS: tuple[tuple[str, str, dict[str, Any]], ...] = (
-    ("shipped", f"NOTIFY debounced {SHIPPED_DEBOUNCE * 1000:g} ms (shipped) msg/s", {}),
-    ("none", "no NOTIFY msg/s", {"notify_debounce": 3600.0, "polling_interval": SHIPPED_DEBOUNCE}),
-    ("each", "NOTIFY each message msg/s", {"notify_debounce": 0}),
+TARGET = 0.9  # shipped ÷ no NOTIFY
+
+
+class _Channel(Channel):
+    notify: bool | None = None
+
+    def _should_notify(self, row: Any) -> bool | None:
+        return self.notify
+
+
+class _NoNotifyChannel(_Channel):
+    notify = False
+
+
+class _NotifyEachChannel(_Channel):
+    notify = True
+
+
+class _NoNotify(Transport):
+    Channel = _NoNotifyChannel
+
+
+class _NotifyEach(Transport):
+    Channel = _NotifyEachChannel
+
+
+#: (metric key, header, transport class, transport options of the arm)
+ARMS: tuple[tuple[str, str, type | None, dict[str, Any]], ...] = (
+    ("shipped", "NOTIFY when the consumer is idle (shipped) msg/s", None, {}),
+    ("none", "no NOTIFY msg/s", _NoNotify, {"polling_interval": 0.02}),
+    ("each", "NOTIFY each message msg/s", _NotifyEach, {}),
 )
 
 
 @scenario(
     "notify",
     f"kombu_pg only: {PRODUCERS} producer processes publish N single messages to one queue "
-    "a consumer drains; NOTIFY debounced vs none vs one per message "
+    "a consumer drains; NOTIFY when it is idle vs none vs one per message "
     f"(median of {ROUNDS} interleaved rounds)",
-    [Metric(key, header) for key, header, _ in ARMS],
+    [Metric(key, header) for key, header, _, _ in ARMS],
     applies=lambda broker: broker.is_reference,
 )
 def notify_cost(ctx: Context, broker: Broker) -> Measured:
-    rates: dict[str, list[float]] = {key: [] for key, _, _ in ARMS}
-    sent: dict[str, list[int]] = {key: [] for key, _, _ in ARMS}
+    rates: dict[str, list[float]] = {key: [] for key, _, _, _ in ARMS}
+    sent: dict[str, list[int]] = {key: [] for key, _, _, _ in ARMS}
     out = Measured()
     # Interleaved (shipped, none, each, shipped, ...), so drifting load on a shared machine
     # falls on every arm alike; the median drops one disturbed round.
     for round_ in range(ROUNDS):
-        for key, _, options in ARMS:
-            arm = replace(broker, transport_options={**broker.transport_options, **options})
+        for key, _, transport, options in ARMS:
+            arm = replace(broker, transport=transport,
+                          transport_options={**broker.transport_options, **options})
             name = ctx.name("notify", key, str(round_))
             try:
                 rate, notifies = _publish_concurrently(ctx, arm, name)
@@ -102,22 +126,23 @@ def notify_cost(ctx: Context, broker: Broker) -> Measured:
     return out
 
 
-def _publish_concurrently(ctx: Context, broker: Broker, queue: str) -> tuple[float | None, int]:
-    """(msg/s of the producers together or None if they stalled, NOTIFYs for ``queue``)."""
-    share = ctx.params.messages // PRODUCERS
+def _publish_concurrently(ctx: Context, broker: Broker, queue: str,
+                          count: int = PRODUCERS) -> tuple[float | None, int]:
+    """(msg/s of ``count`` producers together or None if they stalled, NOTIFYs for ``queue``)."""
+    share = ctx.params.messages // count
     pad = "x" * ctx.params.payload_bytes
     consumer: list[Member] = [(consume, (broker, queue, PREFETCH, None))]
-    producers: list[Member] = [(produce, (broker, queue, share, pad))] * PRODUCERS
+    producers: list[Member] = [(produce, (broker, queue, share, pad))] * count
     with NotifyCounter(broker, queue) as counter, Fleet(consumer) as draining:
         draining.go()
         with Fleet(producers) as publishing:
             started = publishing.go()
-            published = publishing.wait(share * PRODUCERS, ctx.params.stall_timeout_s)
+            published = publishing.wait(share * count, ctx.params.stall_timeout_s)
             results = publishing.finish()
         draining.finish()
-    if published < share * PRODUCERS:
+    if published < share * count:
         return None, counter.count
-    return share * PRODUCERS / (max(r["finished"] for r in results) - started), counter.count
+    return share * count / (max(r["finished"] for r in results) - started), counter.count
 
 
 class NotifyCounter:

@@ -191,7 +191,8 @@ class Options(_Common):
     #: claim or ack undone by a server crash only means a redelivery (as with
     #: RabbitMQ, whose acks are not confirmed either); publishes are always durable.
     durable_acks: bool = _option(False, _BOOL)
-    #: Seconds a producer waits before sending another NOTIFY for the same queue.
+    #: Deprecated and ignored (accepted so existing settings keep working): publishes no
+    #: longer debounce their NOTIFYs, they notify only queues with an idle consumer.
     notify_debounce: float = _option(0.02, _number(0))
 
 

@@ -42,8 +42,10 @@ class _TransactionChannel(Channel):
     def _open_store(self) -> BrokerStore:
         return self._foreign_store
 
-    def _should_notify(self, queue, row) -> bool:
-        # PostgreSQL delivers the NOTIFY at commit, once per transaction and queue.
+    def _should_notify(self, row) -> bool:
+        # PostgreSQL delivers the NOTIFY at commit, once per transaction and queue.  Always
+        # one: looking for idle consumers holds a lock until commit that a consumer going
+        # idle waits for, and the application's transaction may stay open for long.
         return True
 
     def close(self) -> None:

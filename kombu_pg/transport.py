@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from queue import Empty
 from time import monotonic
-from typing import Any, Sequence
+from typing import Any
 
 import psycopg
 from kombu.transport import virtual
@@ -37,7 +37,7 @@ from .publish_batch import Batch, PublishBatch
 from .store import JOB_KEY_MODES, BrokerStore, Claimed, JobPublish, connect, ensure_schema
 from .store.broker import JOB_KEY_HEADER, JOB_KEY_MODE_HEADER, SERIAL_KEY_HEADER, OutgoingMessage
 from .store.routing import check_queue_name, topic_pattern
-from .store.wakeups import Listener, NotifyDebouncer, RouteKey
+from .store.wakeups import Listener
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ class Channel(virtual.Channel):
                       **kwargs):
         """Route, insert and notify in one statement; durable on return.
 
-        NOTIFYs are debounced per route (exchange, routing key), see :class:`NotifyDebouncer`.
+        A publish notifies only a queue with an idle consumer (see ``BrokerStore.mark_idle``).
         With ``_publish_batch`` (Kombu's ``Producer.batch()``, kombu_pg.bulk) the message is
         checked, then held by the batch, whatever its exchange or job key: the batch writes
         its messages in publish order, in one transaction.
@@ -257,14 +257,11 @@ class Channel(virtual.Channel):
         if _publish_batch is not None:
             _publish_batch.add(row.outgoing(routing_key or "", exchange=exchange))
             return
-        route = (exchange, routing_key or "")
-        notify = self._should_notify(route, row)
         started = monotonic()
         queues = self.store.publish_routed(exchange, routing_key, row.payload, priority=row.priority,
                                            ttl=row.ttl, serial_key=row.serial_key,
-                                           visible_at=row.visible_at, notify=notify)
+                                           visible_at=row.visible_at, notify=self._should_notify(row))
         metrics.published(row.serial_key is not None, monotonic() - started, len(queues))
-        self._published(route, queues, notify, row)
         if not queues and self.deadletter_queue:
             logger.warning("kombu-pg: no route for exchange=%r routing_key=%r; sent to %r",
                            exchange, routing_key, self.deadletter_queue)
@@ -279,22 +276,14 @@ class Channel(virtual.Channel):
         if row.job_key is not None:
             self._insert_job(queue, row)
             return
-        route = ("", queue)
-        notify = self._should_notify(route, row)
         started = monotonic()
         self.store.publish(queue, row.payload, priority=row.priority, ttl=row.ttl, serial_key=row.serial_key,
-                           visible_at=row.visible_at, notify=notify)
+                           visible_at=row.visible_at, notify=self._should_notify(row))
         metrics.published(row.serial_key is not None, monotonic() - started)
-        self._published(route, (queue,), notify, row)
 
-    def _should_notify(self, route: RouteKey, row: "_Row") -> bool:
-        # A delayed message's NOTIFY only announces its due time: never debounced away.
-        return row.visible_at is not None or self.connection.debouncer.should_notify(route)
-
-    def _published(self, route: RouteKey, queues: Sequence[str], notified: bool, row: "_Row") -> None:
-        # A delayed message's NOTIFY names its due time, not its queues: it settles nothing.
-        if row.visible_at is None:
-            self.connection.debouncer.published(route, queues, notified)
+    def _should_notify(self, row: "_Row") -> bool | None:
+        # None: the store decides (delayed messages, and queues with an idle consumer).
+        return None
 
     def _insert_job(self, queue: str, row: "_Row") -> None:
         started = monotonic()
@@ -426,6 +415,8 @@ class Channel(virtual.Channel):
         if not limit:
             return 0
         messages = self.fetch(queue, limit)
+        if len(messages) == limit:
+            self.connection.mark_busy(queue)
         for message in messages:
             callback(message, queue)
         return len(messages)
@@ -496,6 +487,9 @@ class Transport(virtual.Transport):
 
     def __init__(self, client, **kwargs):
         self.options = Options.from_mapping(client.transport_options)
+        if "notify_debounce" in (client.transport_options or {}):
+            logger.warning("kombu-pg: the notify_debounce option is deprecated and ignored: a publish "
+                           "notifies only queues that have an idle consumer")
         super().__init__(client, **kwargs)
         self.polling_interval = self.options.polling_interval
         self.conninfo = build_conninfo(
@@ -530,7 +524,10 @@ class Transport(virtual.Transport):
         self._claim: _PendingClaim | None = None
         # The thread running drain_events or the event loop; acks from others wake it.
         self._loop_thread: int | None = None
-        self.debouncer = NotifyDebouncer(self.options.notify_debounce, self._trailing_notify)
+        #: Queues this session's consumer is marked idle on (BrokerStore.mark_idle), on the
+        #: listening connection: its producers publish on the work connection, and a
+        #: session never conflicts with its own advisory locks.
+        self._idle: set[str] = set()
         register_after_fork(self, _after_fork)
 
     # -- connections ----------------------------------------------------------------
@@ -585,6 +582,7 @@ class Transport(virtual.Transport):
                 except psycopg.Error:
                     pass
         self._work = self._listener = self._maintenance = self._consumer_id = None
+        self._idle = set()  # the marks were the listening session's locks
 
     def _maintenance_store(self) -> BrokerStore:
         # Recovery runs in a transaction; the work connection is shared with acking
@@ -622,14 +620,6 @@ class Transport(virtual.Transport):
         try:
             super().close_connection(connection)
         finally:
-            # A producer closing within notify_debounce of its last publish still owes
-            # that NOTIFY; dropped, its consumers would wait for their safety poll.
-            owed = self.debouncer.cancel()
-            if owed and os.getpid() == self._pid:
-                try:
-                    self._trailing_notify(owed)
-                except psycopg.Error:
-                    pass  # the consumers' safety poll finds the messages
             self._release()
 
     def _release(self) -> None:
@@ -641,6 +631,7 @@ class Transport(virtual.Transport):
         if os.getpid() != self._pid:
             # A forked child must not end the parent's sessions: drop them, never close.
             self._work = self._listener = self._maintenance = self._consumer_id = None
+            self._idle = set()
             return
         work, consumer = self._work, self._consumer_id
         if work is not None and not work.conn.closed:
@@ -679,6 +670,7 @@ class Transport(virtual.Transport):
             return
         try:
             work.cancel_queue(queue, consumer)
+            self.mark_busy(queue)  # nobody here waits for it any more
         except psycopg.Error:
             pass  # the session is gone, and its consumer rows go with it (recovery)
 
@@ -758,10 +750,6 @@ class Transport(virtual.Transport):
         except OSError:
             pass
 
-    def _trailing_notify(self, queues: set[str]) -> None:
-        if self._work is not None:
-            self._work.notify(queues)
-
     def _active_queues(self) -> set[str]:
         return {q for channel in self.channels for q in channel._active_queues}
 
@@ -782,11 +770,16 @@ class Transport(virtual.Transport):
                     continue
                 limit = channel.qos.claim_limit()
                 if not limit:
-                    break  # full: stays pending until an ack frees capacity
+                    # Full: stays pending until an ack frees capacity, and needs no NOTIFY.
+                    self.mark_busy(*(q for q in channel._active_queues if q in pending))
+                    break
                 if self._claimer is None:
                     self._claimer = ThreadPoolExecutor(1, thread_name_prefix="kombu-pg-claim")
                 future = self._claimer.submit(channel.fetch, queue, limit)
                 self._claim = _PendingClaim(channel, queue, limit, future)
+                # Taken by this claim: a NOTIFY that arrives while it runs (for a message
+                # it may not see) makes the queue pending again.
+                pending.discard(queue)
                 # (Not after close: the wake pipe is gone and must not be made again.)
                 future.add_done_callback(lambda _: self._wake_fds is not None and self._poke())
                 return
@@ -803,10 +796,16 @@ class Transport(virtual.Transport):
         if claim.channel not in self.channels:
             self._hand_back(messages)  # closed meanwhile: nobody can ack these
             return
-        if len(messages) < claim.limit:
-            self._pending.discard(claim.queue)
+        full = len(messages) == claim.limit
+        if full:
+            self._pending.add(claim.queue)  # more may wait
         for message in messages:
             self._deliver(message, claim.queue)
+        if full:
+            self.mark_busy(claim.queue)  # no NOTIFY needed to come back
+        elif claim.queue not in self._idle:
+            self.mark_idle({claim.queue})  # pending again: claimed once more after the mark
+        # Else drained, and publishes to it notify.
 
     def _abandon_claim(self) -> None:
         """Leaving the event loop: wait for a claim in flight and hand its messages back."""
@@ -843,6 +842,10 @@ class Transport(virtual.Transport):
                 return
             except Empty:
                 pass
+            if self._active_queues() - self._idle:
+                # Claim once more after marking (see BrokerStore.mark_idle), then wait.
+                self.mark_idle(self._active_queues())
+                continue
             # No claim took the buffered acks with it: send them before waiting.
             self.flush_acks()
             remaining = None if deadline is None else deadline - monotonic()
@@ -907,6 +910,32 @@ class Transport(virtual.Transport):
 
     def _take_notifications(self, queues: set[str]) -> None:
         self._pending.update(queues & self._active_queues())
+
+    def mark_idle(self, queues: set[str]) -> None:
+        """About to wait for NOTIFYs on ``queues``: publishes to them notify from now on.
+        They stay (or become) pending: a claim after the mark is what makes waiting safe."""
+        new = queues - self._idle
+        if not new:
+            return
+        self._mark(new, idle=True)
+        self._pending.update(new)
+
+    def mark_busy(self, *queues: str) -> None:
+        """Working through ``queues`` (a full claim, a full prefetch window) or no longer
+        consuming them: publishes to them stop notifying this session."""
+        marked = self._idle.intersection(queues)
+        if marked:
+            self._mark(marked, idle=False)
+
+    def _mark(self, queues: set[str], *, idle: bool) -> None:
+        store = self._maintenance_store()
+        (store.mark_idle if idle else store.mark_busy)(queues)
+        if idle:
+            self._idle |= queues
+        else:
+            self._idle -= queues
+        # Notifications that arrived during the statement wait in psycopg's backlog.
+        self._take_notifications(self.listener().drain())
 
     # -- event loop (Celery's hub) --------------------------------------------------------
 
@@ -1049,6 +1078,7 @@ def _ttl_seconds(message: dict) -> float | None:
 def _after_fork(transport: Transport) -> None:
     # Drop, never close: closing would end the parent's sessions (shared sockets).
     transport._work = transport._listener = transport._consumer_id = None
+    transport._idle = set()  # the parent's listening session holds those marks
     transport._maintenance = transport._wake_fds = transport._hub = transport._ack_timer = None
     transport._timers = []
     # The claimer thread stayed in the parent.

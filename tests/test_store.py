@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import psycopg
 import pytest
@@ -347,6 +346,8 @@ def test_notify_reaches_a_listener(pg_url, store):
 
     listener = Listener(pg_url, store.channel)
     try:
+        # A publish notifies the queues that have an idle consumer: this listener's.
+        BrokerStore(listener.conn, store.schema).mark_idle(["some queue", "q2"])
         store.publish("some queue", "x")
         assert listener.wait(5) == {"some queue"}
         store.publish("q2", "x", notify=False)
@@ -374,54 +375,3 @@ def test_x_max_priority_caps_priorities(store):
     assert [c.priority for c in store.claim("other", 5, cid)] == [9]
 
 
-def _publish(debouncer, route, queues) -> bool:
-    """What the transport does around one publish statement: decide, run, record."""
-    notified = debouncer.should_notify(route)
-    debouncer.published(route, queues, notified)
-    return notified
-
-
-def test_an_owed_notify_rides_the_next_publish_and_the_timer_sends_only_what_stays_owed():
-    from kombu_pg.store.wakeups import NotifyDebouncer
-
-    sent: list[set[str]] = []
-    trailing = threading.Event()
-    debouncer = NotifyDebouncer(1.0, lambda queues: (sent.append(set(queues)), trailing.set()))
-    route = ("", "q")
-    assert _publish(debouncer, route, ["q"])          # the first publish notifies at once
-    assert not _publish(debouncer, route, ["q"])      # inside the window: owed
-    time.sleep(1.05)  # the window passing is what is tested; the timer is due at 2 s
-    assert _publish(debouncer, route, ["q"])          # the next publish carries the owed NOTIFY
-    assert not _publish(debouncer, route, ["q"])      # owed again, and the stream stops here
-    assert trailing.wait(5)
-    assert sent == [{"q"}]                            # one trailing NOTIFY, not one per window
-
-
-def test_a_route_owes_the_queues_it_inserted_into_and_a_notify_naming_one_settles_it():
-    from kombu_pg.store.wakeups import NotifyDebouncer
-
-    debouncer = NotifyDebouncer(60.0, lambda queues: None)
-    events = ("celeryev", "task.sent")
-    assert _publish(debouncer, events, ["monitor-a", "monitor-b"])
-    assert not _publish(debouncer, events, ["monitor-a", "monitor-b"])  # owes both queues
-    assert _publish(debouncer, ("", "monitor-a"), ["monitor-a"])       # another route names one
-    assert not _publish(debouncer, events, [])  # matched no queue: owes nothing more
-    assert debouncer.cancel() == {"monitor-b"}  # what a closing producer still sends
-
-
-def test_forgetting_stale_routes_keeps_what_is_owed():
-    from kombu_pg.store.wakeups import NotifyDebouncer
-
-    sent: list[set[str]] = []
-    trailing = threading.Event()
-    debouncer = NotifyDebouncer(1.0, lambda queues: (sent.append(set(queues)), trailing.set()))
-    debouncer.MAX_ROUTES = 2
-    owing = ("ex", "owing")
-    assert _publish(debouncer, owing, ["q"])
-    assert not _publish(debouncer, owing, ["q"])  # owed until the timer, due at 2 s
-    assert _publish(debouncer, ("ex", "stale"), ["other"])
-    time.sleep(1.05)  # both windows close: the routes are stale
-    assert _publish(debouncer, ("ex", "new"), ["other"])  # the third route: stale ones go
-    assert set(debouncer._last) == {owing, ("ex", "new")}  # memory stays bounded
-    assert trailing.wait(5)
-    assert sent == [{"q"}]

@@ -413,26 +413,6 @@ def test_a_claim_still_in_flight_when_the_event_loop_stops_is_handed_back(pg_url
             assert table_count(pg_conn, schema, "messages") == 3
 
 
-def test_a_producer_that_closes_inside_the_debounce_window_still_wakes_consumers(pg_url, schema):
-    """The second publish's NOTIFY is owed (debounced) when the producer closes: it goes then."""
-    idle = {"schema": schema, "polling_interval": 30.0, "recovery_interval": 30.0}  # no timed wake-ups
-    with Connection(pg_url, transport_options=idle) as consumer:
-        producer = Connection(pg_url, transport_options={"schema": schema, "notify_debounce": 60.0})
-        Producer(producer).publish("first", routing_key="owed", declare=[Queue("owed")])
-        assert drain(consumer, 1, Queue("owed")) == ["first"]
-        with Consumer(consumer, [Queue("owed")], callbacks=[lambda body, message: message.ack()]):
-
-            def publish_and_close():
-                Producer(producer).publish("second", routing_key="owed")  # inside the 60 s window
-                producer.release()
-
-            # While the consumer waits: without the NOTIFY on close, only its 30 s poll finds it.
-            threading.Timer(0.2, publish_and_close).start()
-            started = time.monotonic()
-            consumer.drain_events(timeout=40)
-            assert time.monotonic() - started < 15  # a NOTIFY, not the 30 s poll
-
-
 def _notifications_until_marker(listening: psycopg.Connection, pg_conn, channel: str) -> list[str]:
     """Payloads received so far: NOTIFYs arrive in commit order, so once a marker sent now
     arrives, every NOTIFY committed before it has too."""
@@ -445,30 +425,11 @@ def _notifications_until_marker(listening: psycopg.Connection, pg_conn, channel:
     raise AssertionError(f"the marker NOTIFY never arrived; got {got}")
 
 
-def test_routed_publishes_are_debounced_and_what_they_owe_names_the_bound_queues(pg_url, schema, pg_conn):
-    """Events, pidbox and broadcasts publish through named exchanges: one NOTIFY per route
-    and window, and the one owed on close names the queues, not the routing key."""
-    channel = f"{schema}:queues"
-    with psycopg.connect(pg_url, autocommit=True) as listening:
-        listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-        producer = Connection(pg_url, transport_options={"schema": schema, "notify_debounce": 60.0})
-        events = Exchange("events", "topic", durable=True)
-        publisher = Producer(producer, exchange=events)
-        for name, key in (("monitor-a", "task.*"), ("monitor-b", "#")):
-            Queue(name, events, routing_key=key)(publisher.channel).declare()
-        for n in range(3):
-            publisher.publish(n, routing_key="task.sent")
-        assert sorted(_notifications_until_marker(listening, pg_conn, channel)) == ["monitor-a", "monitor-b"]
-        producer.release()  # inside the window: the two later publishes are still owed
-        assert sorted(_notifications_until_marker(listening, pg_conn, channel)) == ["monitor-a", "monitor-b"]
-    assert table_count(pg_conn, schema, "messages") == 6
-
-
 def test_a_delayed_routed_publish_always_announces_its_due_time(pg_url, schema, pg_conn):
     from datetime import datetime, timedelta, timezone
 
     channel = f"{schema}:due"
-    options = {"schema": schema, "notify_debounce": 60.0, "native_delayed_delivery": True}
+    options = {"schema": schema, "native_delayed_delivery": True}
     with psycopg.connect(pg_url, autocommit=True) as listening, Connection(pg_url, transport_options=options) as c:
         listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         exchange = Exchange("later", "direct", durable=True)

@@ -90,6 +90,22 @@ ORDER BY queue, routing_key
 -- name: list_bindings
 SELECT queue, exchange, routing_key FROM {schema}.bindings ORDER BY exchange, queue, routing_key
 
+-- name: wake
+-- Whether a publish to `queue` notifies (a fragment of publish and publish_routed): as
+-- %(notify)s says when it is set; else always for a delayed message (its NOTIFY announces
+-- a due time to every consumer), and only when a consumer of the queue is idle.  An idle
+-- consumer holds a shared advisory lock on (idle, queue); taking it exclusively and
+-- releasing it at once fails only then.  Before looking, the publish takes a shared lock
+-- on (publishing, queue) until it commits (or notifies when it cannot: a consumer is
+-- going idle right now), which a consumer going idle waits for (mark_idle): see
+-- BrokerStore.mark_idle for why no wake-up is lost.  CASE: evaluated in this order.
+CASE WHEN %(notify)s::boolean IS NOT NULL THEN %(notify)s::boolean
+     WHEN %(notify_payload)s::text IS NOT NULL THEN true
+     WHEN NOT pg_try_advisory_xact_lock_shared(hashtext(%(publishing)s), hashtext(queue)) THEN true
+     WHEN pg_try_advisory_lock(hashtext(%(idle)s), hashtext(queue))
+         THEN NOT pg_advisory_unlock(hashtext(%(idle)s), hashtext(queue))
+     ELSE true END
+
 -- name: publish
 -- One message to one queue.  TTL: the sooner of the message's and the queue's.
 WITH inserted AS (
@@ -103,7 +119,7 @@ WITH inserted AS (
     FROM (VALUES (1)) AS one (x) LEFT JOIN {schema}.queues q ON q.name = %(queue)s
     RETURNING queue
 )
-SELECT CASE WHEN %(notify)s THEN pg_notify(%(notify_channel)s, coalesce(%(notify_payload)s, queue)) END
+SELECT CASE WHEN {wake} THEN pg_notify(%(notify_channel)s, coalesce(%(notify_payload)s, queue)) END
 FROM inserted
 
 -- name: publish_routed
@@ -121,7 +137,7 @@ WITH targets AS (
     FROM targets t LEFT JOIN {schema}.queues q ON q.name = t.queue
     RETURNING queue
 )
-SELECT queue, CASE WHEN %(notify)s THEN pg_notify(%(notify_channel)s, coalesce(%(notify_payload)s, queue)) END
+SELECT queue, CASE WHEN {wake} THEN pg_notify(%(notify_channel)s, coalesce(%(notify_payload)s, queue)) END
 FROM inserted
 
 -- name: claim
@@ -168,12 +184,18 @@ SELECT count(*), count(*) FILTER (WHERE delivery_count >= %(poison)s) FROM gone
 SELECT count(*) FROM {schema}.messages
 WHERE queue = %(queue)s AND lock_token IS NULL AND (expires_at IS NULL OR expires_at > now())
 
--- name: notify
--- A NOTIFY on its own protects no data, so its commit does not wait for the WAL flush:
--- PostgreSQL holds a cluster-wide lock from a notifying commit's start to its end, and
--- producers' debounced NOTIFYs would otherwise queue behind each other's flushes.
-SELECT pg_notify(%(channel)s, q), set_config('synchronous_commit', 'off', true)
+-- name: mark_idle
+-- This session's consumer is about to wait for NOTIFYs on these queues (sorted: two
+-- consumers take the locks in one order).  Per queue, the shared idle lock first, then
+-- the exclusive publishing lock, which waits for every publish that looked before it (and
+-- is released when the statement ends).
+SELECT pg_advisory_lock_shared(hashtext(%(idle)s), hashtext(q))::text,
+       pg_advisory_xact_lock(hashtext(%(publishing)s), hashtext(q))::text
 FROM unnest(%(queues)s::text[]) AS q
+
+-- name: mark_busy
+-- The consumer is busy on these queues again: publishes to them stop notifying.
+SELECT pg_advisory_unlock_shared(hashtext(%(idle)s), hashtext(q)) FROM unnest(%(queues)s::text[]) AS q
 
 -- name: register_consumer
 -- The advisory lock is taken before the row exists, so no one can see the row unlocked.

@@ -145,6 +145,9 @@ class BrokerStore:
         self.due_channel = f"{schema}:due"
         self._namespace = schema
         self._serial_namespace = f"{schema}:serial"
+        # Advisory-lock namespaces of the wake-up protocol (see mark_idle).
+        self._idle_namespace = f"{schema}:idle"
+        self._publishing_namespace = f"{schema}:publishing"
         self._dlq: Queries | None = None
         #: Called with the messages every unlock superseded (the transport counts them).
         self.on_superseded: Callable[[Sequence[Superseded]], None] | None = None
@@ -259,7 +262,8 @@ class BrokerStore:
                         visible_at: datetime | None, **extra) -> dict:
         return dict(payload=payload, priority=priority, ttl=ttl, serial_key=serial_key,
                     visible_at=visible_at, notify_payload=due_payload(visible_at),
-                    notify_channel=self.channel if visible_at is None else self.due_channel, **extra)
+                    notify_channel=self.channel if visible_at is None else self.due_channel,
+                    idle=self._idle_namespace, publishing=self._publishing_namespace, **extra)
 
     def publish(
         self,
@@ -270,10 +274,13 @@ class BrokerStore:
         ttl: float | None = None,
         serial_key: str | None = None,
         visible_at: datetime | None = None,
-        notify: bool = True,
+        notify: bool | None = None,
     ) -> None:
         """Insert one message; durable when this returns (autocommit).
 
+        ``notify``: True or False sends a NOTIFY or not; None (the default) sends one for a
+        delayed message, else only when a consumer of the queue is idle, waiting for one
+        (see :meth:`mark_idle`).
         A ``visible_at`` in the future delays delivery until then (see :meth:`promote_due`);
         the NOTIFY then says when (:func:`due_payload`, on :attr:`due_channel`) instead of
         naming the queue.
@@ -291,9 +298,10 @@ class BrokerStore:
         ttl: float | None = None,
         serial_key: str | None = None,
         visible_at: datetime | None = None,
-        notify: bool = True,
+        notify: bool | None = None,
     ) -> list[str]:
-        """Insert a copy for every queue whose binding matches; return those queues."""
+        """Insert a copy for every queue whose binding matches; return those queues.
+        ``notify`` as in :meth:`publish`, per queue."""
         params = self._message_params(payload, priority, ttl, serial_key, visible_at, exchange=exchange,
                                       routing_key=routing_key or "", notify=notify)
         return [r[0] for r in self._exec("publish_routed", params).fetchall()]
@@ -514,12 +522,31 @@ class BrokerStore:
     def size(self, queue: str) -> int:
         return int(self._scalar("size", {"queue": queue}))
 
-    def notify(self, queues: Iterable[str]) -> None:
-        """Wake the queues' consumers now, in a transaction of its own (autocommit only:
-        its commit does not wait for the WAL flush)."""
+    def mark_idle(self, queues: Iterable[str]) -> None:
+        """This session's consumer is about to wait for NOTIFYs on ``queues``: from now on a
+        publish to them notifies (one round trip; autocommit, outside any transaction).
+
+        Each queue is marked once per session until :meth:`mark_busy` (the marks stack).
+        The caller must claim from the queues again after this returns, then wait.  No
+        wake-up is lost: a publish P that does not notify found no idle mark and held the
+        shared publishing lock from before it looked until it committed.  The mark's
+        exclusive publishing lock is taken after the idle lock.  If P looked after the idle
+        lock was taken, P saw the mark (and notified).  Otherwise P took its publishing lock
+        before this statement asked for the exclusive one, which then waits for P's commit:
+        the claim that follows this statement sees P's message.  A publish that cannot take
+        its publishing lock (this statement holds or waits for it) notifies.
+        """
+        queues = sorted(set(queues))  # one lock order for every consumer
+        if queues:
+            self._exec("mark_idle", {"queues": queues, "idle": self._idle_namespace,
+                                     "publishing": self._publishing_namespace})
+
+    def mark_busy(self, queues: Iterable[str]) -> None:
+        """Undo :meth:`mark_idle` for ``queues`` (each marked by this session): publishes to
+        them stop notifying unless another consumer is idle."""
         queues = sorted(set(queues))
         if queues:
-            self._exec("notify", {"channel": self.channel, "queues": queues})
+            self._exec("mark_busy", {"queues": queues, "idle": self._idle_namespace})
 
     # -- status ---------------------------------------------------------------------
 

@@ -31,9 +31,12 @@ class Queries:
     def __init__(self, schema: str, filename: str = "queries.sql") -> None:
         self.schema = validate_schema(schema)
         identifier = sql.Identifier(schema)
+        bodies = _load(filename)
+        # A query may include another one as a fragment: {name} stands for its text.
+        fragments = {name: sql.SQL(body) for name, body in bodies.items()}
         self._text = {
-            name: sql.SQL(body).format(schema=identifier).as_string(None)
-            for name, body in _load(filename).items()
+            name: sql.SQL(body).format(schema=identifier, **fragments).as_string(None)
+            for name, body in bodies.items()
         }
 
     def __getitem__(self, name: str) -> str:

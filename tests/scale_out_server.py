@@ -3,7 +3,9 @@
 pgserver's own server API listens on a Unix socket only (it passes ``-h ""``), so this
 uses pgserver's binaries and its ``initdb``/``pg_ctl`` wrappers directly: TCP on exactly
 the addresses given (never ``*``) plus a Unix socket for the test process itself, and
-trust authentication only for the given client addresses.
+trust authentication only for the given client addresses.  With ``standby_of`` the server
+is a streaming standby of another one (``pg_basebackup -R`` over its Unix socket), for the
+failover tests.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pathlib import Path
 class VethPostgres:
     """initdb + postgres in a temporary directory; :meth:`stop` removes it all."""
 
-    def __init__(self, listen: Sequence[str], clients: Sequence[str]) -> None:
+    def __init__(self, listen: Sequence[str], clients: Sequence[str], *,
+                 standby_of: "VethPostgres | None" = None) -> None:
         import pgserver
         from pgserver.utils import find_suitable_port
 
@@ -33,8 +36,15 @@ class VethPostgres:
         try:
             # postgres refuses to run as root: do what pgserver does as root, run as "pgserver".
             self.user = self._system_user()
-            pgserver.initdb(["--auth=trust", "--encoding=utf8", "-U", "postgres"],
-                            pgdata=self.pgdata, user=self.user, timeout=120)
+            if standby_of is None:
+                pgserver.initdb(["--auth=trust", "--encoding=utf8", "-U", "postgres"],
+                                pgdata=self.pgdata, user=self.user, timeout=120)
+            else:
+                # -R writes primary_conninfo and standby.signal; the copied postgresql.conf
+                # keeps the primary's port and socket until the settings below override them.
+                pgserver.pg_basebackup(["-R", "-X", "stream", "-c", "fast", "-U", "postgres",
+                                        "-h", str(standby_of.dir), "-p", str(standby_of.port)],
+                                       pgdata=self.pgdata, user=self.user, timeout=120)
             # A port free on the first address now; postgres binds all of them below and
             # fails loudly if another process took it in between.
             self.port = find_suitable_port(listen[0])
@@ -54,7 +64,8 @@ class VethPostgres:
             }
             with open(self.pgdata / "postgresql.conf", "a") as conf:
                 conf.writelines(f"{key} = '{value}'\n" for key, value in settings.items())
-            hba = ["local all all trust"] + [f"host all all {addr}/32 trust" for addr in clients]
+            # "replication": a standby's pg_basebackup and walreceiver come over the socket.
+            hba = ["local all all trust", "local replication all trust"] + [f"host all all {addr}/32 trust" for addr in clients]
             (self.pgdata / "pg_hba.conf").write_text("\n".join(hba) + "\n")
             if self.user:
                 shutil.chown(self.pgdata / "pg_hba.conf", self.user, self.user)
@@ -86,6 +97,17 @@ class VethPostgres:
     def url(self, address: str, database: str = "postgres") -> str:
         """A URL for clients reaching the server over the network at ``address``."""
         return f"postgresql://postgres@{address}:{self.port}/{database}"
+
+    @property
+    def postmaster_pid(self) -> int:
+        """The postmaster's pid (first line of postmaster.pid)."""
+        return int((self.pgdata / "postmaster.pid").read_text().split()[0])
+
+    def promote(self) -> None:
+        """``pg_ctl promote -w``: returns once the standby accepts writes."""
+        import pgserver
+
+        pgserver.pg_ctl(["-w", "-t", "60", "promote"], pgdata=self.pgdata, user=self.user, timeout=90)
 
     @property
     def local_url(self) -> str:

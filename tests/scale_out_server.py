@@ -20,6 +20,10 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import psycopg
+
+from .worker import wait_until
+
 
 class VethPostgres:
     """initdb + postgres in a temporary directory; :meth:`stop` removes it all."""
@@ -135,3 +139,53 @@ class VethPostgres:
                 except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
                     pass  # not running after all (a start that failed): nothing to stop
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrimaryAndStandby:
+    """A primary and a streaming standby of it, replication synchronous or not; both
+    listen on 127.0.0.1 (``url`` names both, for failover) and their own Unix sockets."""
+
+    def __init__(self, synchronous: bool) -> None:
+        self.synchronous = synchronous
+        self.primary = VethPostgres(["127.0.0.1"], ["127.0.0.1"])
+        try:
+            self.standby = VethPostgres(["127.0.0.1"], ["127.0.0.1"], standby_of=self.primary)
+        except BaseException:
+            self.primary.stop()
+            raise
+        # Set after the base backup, on the primary only: a promoted standby that inherited
+        # synchronous_standby_names would wait forever for a standby of its own on every commit.
+        with self.admin(self.primary) as conn:
+            # synchronous_commit is off in VethPostgres (throwaway data): on here, so a commit
+            # returns only once the standby has flushed it (when synchronous).
+            conn.execute("ALTER SYSTEM SET synchronous_commit = on")
+            if synchronous:
+                conn.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            conn.execute("SELECT pg_reload_conf()")
+        state = "sync" if synchronous else "async"
+        wait_until(lambda: self._sync_state() == state, timeout=60, what=f"a {state} standby")
+
+    @staticmethod
+    def admin(server) -> psycopg.Connection:
+        return psycopg.connect(server.local_url, autocommit=True, application_name="failover_admin")
+
+    def _sync_state(self) -> str | None:
+        with self.admin(self.primary) as conn:
+            row = conn.execute("SELECT sync_state FROM pg_stat_replication WHERE state = 'streaming'").fetchone()
+            return row[0] if row else None
+
+    @property
+    def url(self) -> str:
+        return (f"postgresql://postgres@127.0.0.1:{self.primary.port},127.0.0.1:{self.standby.port}/postgres"
+                "?target_session_attrs=read-write")
+
+    def replayed(self) -> bool:
+        """Whether the standby has replayed everything the primary has written so far."""
+        with self.admin(self.primary) as conn:
+            lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+        with self.admin(self.standby) as conn:
+            return conn.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()[0]
+
+    def stop(self) -> None:
+        self.primary.stop()
+        self.standby.stop()

@@ -31,6 +31,7 @@ from psycopg import sql
 from celery_dlq.store import DLQStore, Entry
 from kombu_pg.store import apply_migrations
 
+from .scale_out_server import PrimaryAndStandby
 from .chaos_util import TaskLog, create_log_tables, messages, wait_until
 from .worker import CeleryWorker
 
@@ -41,55 +42,13 @@ BEFORE_KILL = 60  # runs logged before the primary is killed
 AFTER_PROMOTE = 60  # publishes returned after the promotion before the producers stop
 
 
-class _Pair:
-    def __init__(self, synchronous: bool) -> None:
-        from .scale_out_server import VethPostgres
-
-        self.primary = VethPostgres(["127.0.0.1"], ["127.0.0.1"])
-        try:
-            self.standby = VethPostgres(["127.0.0.1"], ["127.0.0.1"], standby_of=self.primary)
-        except BaseException:
-            self.primary.stop()
-            raise
-        # Set after the base backup, on the primary only: a promoted standby that inherited
-        # synchronous_standby_names would wait forever for a standby of its own on every commit.
-        with self.admin(self.primary) as conn:
-            # synchronous_commit is off in VethPostgres (throwaway data): on here, so a commit
-            # returns only once the standby has flushed it (when synchronous).
-            conn.execute("ALTER SYSTEM SET synchronous_commit = on")
-            if synchronous:
-                conn.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
-            conn.execute("SELECT pg_reload_conf()")
-        state = "sync" if synchronous else "async"
-        wait_until(lambda: self._sync_state() == state, timeout=TIMEOUT, what=f"a {state} standby")
-
-    @staticmethod
-    def admin(server) -> psycopg.Connection:
-        return psycopg.connect(server.local_url, autocommit=True, application_name="failover_admin")
-
-    def _sync_state(self) -> str | None:
-        with self.admin(self.primary) as conn:
-            row = conn.execute("SELECT sync_state FROM pg_stat_replication WHERE state = 'streaming'").fetchone()
-            return row[0] if row else None
-
-    @property
-    def url(self) -> str:
-        return (f"postgresql://postgres@127.0.0.1:{self.primary.port},127.0.0.1:{self.standby.port}/postgres"
-                "?target_session_attrs=read-write")
-
-    def stop(self) -> None:
-        self.primary.stop()
-        self.standby.stop()
-
-
 @pytest.fixture(params=[True, False], ids=["sync", "async"])
 def pair(request):
     pytest.importorskip("pgserver", reason="the primary and standby are run from pgserver's binaries")
     try:
-        servers = _Pair(request.param)
+        servers = PrimaryAndStandby(request.param)
     except Exception as exc:  # no way to run a primary and a standby here: say why
         pytest.skip(f"cannot start a private primary and streaming standby: {exc!r}")
-    servers.synchronous = request.param
     yield servers
     servers.stop()
 

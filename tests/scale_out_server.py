@@ -69,7 +69,8 @@ class VethPostgres:
             with open(self.pgdata / "postgresql.conf", "a") as conf:
                 conf.writelines(f"{key} = '{value}'\n" for key, value in settings.items())
             # "replication": a standby's pg_basebackup and walreceiver come over the socket.
-            hba = ["local all all trust", "local replication all trust"] + [f"host all all {addr}/32 trust" for addr in clients]
+            hba = ["local all all trust", "local replication all trust"]
+            hba += [f"host all all {addr}/32 trust" for addr in clients]
             (self.pgdata / "pg_hba.conf").write_text("\n".join(hba) + "\n")
             if self.user:
                 shutil.chown(self.pgdata / "pg_hba.conf", self.user, self.user)

@@ -31,8 +31,8 @@ from psycopg import sql
 from celery_dlq.store import DLQStore, Entry
 from kombu_pg.store import apply_migrations
 
-from .scale_out_server import PrimaryAndStandby
 from .chaos_util import TaskLog, create_log_tables, messages, wait_until
+from .scale_out_server import PrimaryAndStandby
 from .worker import CeleryWorker
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]

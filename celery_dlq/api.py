@@ -43,26 +43,30 @@ class DLQ:
     def _store(self):
         return self.runtime.store()
 
+    def _read_store(self):
+        # list/show/stats only: the replica when dlq_replica_url is set.
+        return self.runtime.read_store()
+
     def close(self) -> None:
         self.runtime.close()
 
     # -- read -----------------------------------------------------------------------
 
     def list(self, *, limit: int = 50, cursor: int | None = None, **filters: Any) -> Page:
-        return self._store().list(filters, limit=limit, cursor=cursor)
+        return self._read_store().list(filters, limit=limit, cursor=cursor)
 
     def show(self, dlq_id: int) -> dict:
         """One entry with everything stored, plus ``body`` (content type, size, whether the
         app accepts it, an escaped preview) and ``call``, the decoded task call when the
         body is readable and its content type is in ``accept_content`` (else None)."""
-        row = self._store().get(dlq_id)
+        row = self._read_store().get(dlq_id)
         accept = accepted_content(self.app)
         row["body"] = describe_body(row["message"], accept)
         row["call"] = decode_call(row["message"], accept)
         return row
 
     def stats(self) -> dict:
-        return self._store().stats()
+        return self._read_store().stats()
 
     # -- write -------------------------------------------------------------------------
 

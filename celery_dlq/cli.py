@@ -93,11 +93,16 @@ def _run(ctx, fn):
 
 
 @click.group(name="dlq")
+@click.option("--replica-url", envvar="CELERY_DLQ_REPLICA_URL", show_envvar=True,
+              help="A read replica: list, show, stats and the admin's GET pages read there "
+                   "(sets dlq_replica_url); writes always go to the primary.")
 @click.pass_context
-def dlq(ctx):
+def dlq(ctx, replica_url):
     """Dead-letter queue: list, show, requeue, delete, purge, stats, reap, serve."""
     if ctx.obj is None or getattr(ctx.obj, "app", None) is None:
         raise click.UsageError("run as `celery -A proj dlq ...` (no Celery app given)")
+    if replica_url:
+        ctx.obj.app.conf.dlq_replica_url = replica_url
 
 
 @dlq.command(name="list")

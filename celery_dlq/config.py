@@ -23,6 +23,9 @@ DEFAULTS: dict[str, Any] = {
     "dlq_database_url": None,
     # Schema of the DLQ table.  Default: the kombu-pg broker's schema option.
     "dlq_schema": None,
+    # A read replica of dlq_database_url: list/show/stats, the admin's GET pages and the DLQ
+    # gauges read there.  Writes (requeue, delete, purge, note, reap, capture) never do.
+    "dlq_replica_url": None,
     # Deliveries after which the reaper dead-letters a broker message.  Default: the
     # kombu-pg transport option ``max_deliveries`` (the claim stops there).
     "dlq_max_deliveries": None,
@@ -73,6 +76,7 @@ class Settings:
     write_timeout: float
     auto_migrate: bool
     request_memory: int
+    replica_url: str | None = field(default=None, repr=False)  # carries the password
 
     @property
     def atomic(self) -> bool:
@@ -156,4 +160,5 @@ def load(app) -> Settings:
         write_timeout=float(raw["dlq_write_timeout"]),
         auto_migrate=bool(raw["dlq_auto_migrate"]),
         request_memory=int(raw["dlq_request_memory"]),
+        replica_url=raw["dlq_replica_url"] or None,
     )

@@ -48,6 +48,8 @@ class DeadLetterQueue:
         self._settings: config.Settings | None = None
         self._lock = threading.RLock()
         self._connection = ProcessConnection(self._connect)
+        # Only opened with dlq_replica_url; never migrated or marked: a standby refuses writes.
+        self._replica = ProcessConnection(lambda: connect(build_conninfo(self.settings.replica_url)))
         self._requests: OrderedDict[str, Any] = OrderedDict()
         # Deliveries already captured in this process: Celery can report one failure
         # twice (a hard time limit fires task_failure, then the killed child's
@@ -85,14 +87,24 @@ class DeadLetterQueue:
             self._forget_parent()
             return DLQStore(self._connection.get(), self.settings.schema)
 
+    def read_store(self) -> DLQStore:
+        """The store for reads only: on the replica when ``dlq_replica_url`` is set."""
+        if not self.settings.replica_url:
+            return self.store()
+        with self._lock:
+            self._forget_parent()
+            return DLQStore(self._replica.get(), self.settings.schema)
+
     def _forget_parent(self) -> None:
         # In a forked child the parent's connection and in-flight bookkeeping are not ours.
+        self._replica.release_inherited()
         if self._connection.release_inherited():
             self._requests, self._captured = OrderedDict(), OrderedDict()
 
     def reset_connection(self) -> None:
         with self._lock:
             self._connection.reset()
+            self._replica.reset()
 
     def close(self) -> None:
         self.reset_connection()

@@ -60,7 +60,7 @@ class DLQCollector:
         up = GaugeMetricFamily("celery_dlq_scrape_ok", "1 if the DLQ tables could be read.")
         try:
             with self.runtime._lock:
-                store = self.runtime.store()
+                store = self.runtime.read_store()
                 counters = store.metrics_added()
                 sizes = store.metrics_size()
         except Exception as exc:

@@ -25,12 +25,14 @@ from .transport import Transport
 class Target:
     conninfo: str = field(repr=False)  # carries the password
     options: Options
+    # --replica-url: where the read-only commands read (a streaming replica); never written.
+    replica_conninfo: str | None = field(default=None, repr=False)
 
     @classmethod
     def resolve(cls, ctx: click.Context, *, need_database: bool = True) -> "Target":
         """The database and options: --url/--schema, else the Celery app's broker settings
         (all of them: broker_url, broker_user/password/port, broker_use_ssl, timeouts)."""
-        url, schema = ctx.meta["kombu_pg.target"]
+        url, schema, replica_url = ctx.meta["kombu_pg.target"]
         app = getattr(ctx.obj, "app", None)
         try:
             if url is None and app is not None:
@@ -48,13 +50,20 @@ class Target:
                 target = cls(build_conninfo(url, extra=options.connect_kwargs) if url else "", options)
             if schema:
                 target.options = replace(target.options, schema=validate_schema(schema))
+            if replica_url:
+                target.replica_conninfo = build_conninfo(replica_url, extra=target.options.connect_kwargs)
             return target
         except ConfigurationError as exc:
             raise click.UsageError(str(exc)) from None
 
-    def connect(self) -> psycopg.Connection:
+    @property
+    def read_conninfo(self) -> str:
+        """Where read-only commands read: the replica when given, else the primary."""
+        return self.replica_conninfo or self.conninfo
+
+    def connect(self, *, read_only: bool = False) -> psycopg.Connection:
         try:
-            return connect(self.conninfo)
+            return connect(self.read_conninfo if read_only else self.conninfo)
         except psycopg.OperationalError as exc:
             raise click.ClickException(f"cannot connect: {exc}") from None
 
@@ -62,10 +71,13 @@ class Target:
 @click.group(name="pg")
 @click.option("--url", help="PostgreSQL URL (default: the app's broker_url or $KOMBU_PG_URL).")
 @click.option("--schema", help="Schema (default: the app's broker_transport_options or kombu_pg).")
+@click.option("--replica-url", envvar="KOMBU_PG_REPLICA_URL", show_envvar=True,
+              help="A read replica of the same database: `status` and `metrics` read there "
+                   "(`migrate` always uses the primary).")
 @click.pass_context
-def pg(ctx: click.Context, url: str | None, schema: str | None) -> None:
+def pg(ctx: click.Context, url: str | None, schema: str | None, replica_url: str | None) -> None:
     """kombu-pg: PostgreSQL broker schema and status."""
-    ctx.meta["kombu_pg.target"] = (url, schema)
+    ctx.meta["kombu_pg.target"] = (url, schema, replica_url)
 
 
 @pg.command()
@@ -94,7 +106,7 @@ def status(ctx: click.Context, as_json: bool, keys: int) -> None:
     """Queues (ready, in flight, delayed, poison, oldest age), consumers and serial keys."""
     target = Target.resolve(ctx)
     schema = target.options.schema
-    with target.connect() as conn:
+    with target.connect(read_only=True) as conn:
         version = current_version(conn, schema)
         if version == 0:
             raise click.ClickException(f"schema {schema!r} has no kombu-pg tables; run `pg migrate`")
@@ -144,8 +156,12 @@ def metrics_command(ctx: click.Context, port: int, addr: str, results: bool, dlq
     app = getattr(ctx.obj, "app", None)
     if dlq and app is None:
         raise click.UsageError("--dlq needs the app: celery -A proj pg metrics --dlq")
+    if target.replica_conninfo and app is not None and not app.conf.get("dlq_replica_url"):
+        # The DLQ gauges read through celery_dlq's own setting: the same replica.
+        app.conf.dlq_replica_url = ctx.meta["kombu_pg.target"][2]
     registry = metrics.build_registry(
-        app, conninfo=target.conninfo, schema=target.options.schema,
+        app, conninfo=target.conninfo, replica_conninfo=target.replica_conninfo,
+        schema=target.options.schema,
         max_deliveries=target.options.max_deliveries, results=results, dlq=dlq, max_queues=max_queues,
         scrape_timeout=scrape_timeout, min_interval=min_interval)
     try:

@@ -294,14 +294,15 @@ class BrokerCollector:
         self._session = _Session(conninfo, "broker", timeout=scrape_timeout, min_interval=min_interval)
 
     @classmethod
-    def for_app(cls, app, **kwargs) -> "BrokerCollector":
+    def for_app(cls, app, *, conninfo: str | None = None, **kwargs) -> "BrokerCollector":
+        """The app's broker, read at ``conninfo`` (a replica) when given."""
         from .transport import Transport
 
         transport = app.connection_for_write().transport
         if not isinstance(transport, Transport):
             raise TypeError(f"the app's broker is {transport.driver_type!r}, not kombu-pg")
         kwargs.setdefault("max_deliveries", transport.options.max_deliveries)
-        return cls(transport.conninfo, transport.options.schema, **kwargs)
+        return cls(conninfo or transport.conninfo, transport.options.schema, **kwargs)
 
     def _query(self, conn: psycopg.Connection) -> tuple[list[dict], int, int]:
         """queue_stats rows, consumer count, invalid message count (one session)."""
@@ -374,13 +375,14 @@ class ResultCollector:
         self._chords = sql.SQL(_CHORDS_SQL).format(schema=ident).as_string(None)
 
     @classmethod
-    def for_app(cls, app, **kwargs) -> "ResultCollector | None":
+    def for_app(cls, app, *, conninfo: str | None = None, **kwargs) -> "ResultCollector | None":
+        """The app's kombu-pg result backend, read at ``conninfo`` (a replica) when given."""
         from .backend import PostgresBackend
 
         backend = app.backend
         if not isinstance(backend, PostgresBackend):
             return None
-        return cls(backend.conninfo, backend.schema, **kwargs)
+        return cls(conninfo or backend.conninfo, backend.schema, **kwargs)
 
     def _query(self, conn: psycopg.Connection) -> tuple[list[tuple], int] | None:
         exists = conn.execute("SELECT to_regclass(format('%%I.results', %s::text)) IS NOT NULL",
@@ -451,7 +453,8 @@ def build_registry(app=None, *, conninfo: str | None = None, schema: str | None 
                    max_deliveries: int | None = 10, results: bool = True, dlq: bool | None = None,
                    max_queues: int = DEFAULT_MAX_QUEUES, events: bool = True,
                    scrape_timeout: float | None = DEFAULT_SCRAPE_TIMEOUT,
-                   min_interval: float = DEFAULT_MIN_INTERVAL) -> "CollectorRegistry":
+                   min_interval: float = DEFAULT_MIN_INTERVAL,
+                   replica_conninfo: str | None = None) -> "CollectorRegistry":
     """A registry with everything kombu-pg knows, for one exporter.
 
     * events (counters, histograms): in multiprocess mode every process's, merged by
@@ -464,7 +467,9 @@ def build_registry(app=None, *, conninfo: str | None = None, schema: str | None 
     * the DLQ collector when ``app`` uses celery_dlq (``dlq=None``), or when ``dlq=True``.
 
     Each database part's statements stop at ``scrape_timeout`` seconds (None: no limit),
-    and its reading is reused for ``min_interval`` seconds.
+    and its reading is reused for ``min_interval`` seconds.  With ``replica_conninfo`` (a
+    streaming replica of the same database) the broker and result gauges are read there;
+    the exporter only reads, so nothing is written to either server.
     """
     if CollectorRegistry is None:
         raise RuntimeError("kombu_pg.metrics needs prometheus_client: pip install prometheus-client")
@@ -478,16 +483,16 @@ def build_registry(app=None, *, conninfo: str | None = None, schema: str | None 
             registry.register(REGISTRY)
     bounds = {"scrape_timeout": scrape_timeout, "min_interval": min_interval}
     if conninfo is None and app is not None:
-        broker = BrokerCollector.for_app(app, max_queues=max_queues, **bounds)
+        broker = BrokerCollector.for_app(app, max_queues=max_queues, conninfo=replica_conninfo, **bounds)
     elif conninfo is not None:
-        broker = BrokerCollector(conninfo, schema or "kombu_pg", max_deliveries=max_deliveries,
+        broker = BrokerCollector(replica_conninfo or conninfo, schema or "kombu_pg", max_deliveries=max_deliveries,
                                  max_queues=max_queues, **bounds)
     else:
         broker = None
     parts = [broker] if broker is not None else []
     if results:
         if app is not None:
-            parts.append(ResultCollector.for_app(app, **bounds))
+            parts.append(ResultCollector.for_app(app, conninfo=replica_conninfo, **bounds))
         elif broker is not None:
             parts.append(ResultCollector(broker._session.conninfo, broker.schema, **bounds))
     registry.register(_Parts([part for part in parts if part is not None]))

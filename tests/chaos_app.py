@@ -9,7 +9,8 @@ Configured from the environment so each test can pick its failure settings:
   ``<schema>.gates``;
 - ``RECOVERY_INTERVAL``, ``VISIBILITY_TIMEOUT``, ``MAX_DELIVERIES``: kombu-pg options, left
   at their defaults when unset;
-- ``PREFETCH_MULTIPLIER`` (default 4), ``TASK_QUEUE`` (default ``celery``).
+- ``PREFETCH_MULTIPLIER`` (default 4), ``TASK_QUEUE`` (default ``celery``);
+- ``CHAOS_RESULTS``: when set, kombu-pg is also the result backend (same URL and schema).
 
 The tables are made by :func:`chaos_util.create_log_tables`.
 """
@@ -39,7 +40,8 @@ if os.environ.get("VISIBILITY_TIMEOUT"):
 if os.environ.get("MAX_DELIVERIES"):
     options["max_deliveries"] = int(os.environ["MAX_DELIVERIES"])
 
-app = Celery("chaos_app", broker=URL)
+app = Celery("chaos_app", broker=URL, backend=URL if os.environ.get("CHAOS_RESULTS") else None)
+app.conf.result_backend_transport_options = {"schema": SCHEMA}
 app.conf.broker_transport_options = options
 app.conf.worker_prefetch_multiplier = int(os.environ.get("PREFETCH_MULTIPLIER", "4"))
 app.conf.task_default_queue = os.environ.get("TASK_QUEUE", "celery")

@@ -3,7 +3,9 @@
 pgserver's own server API listens on a Unix socket only (it passes ``-h ""``), so this
 uses pgserver's binaries and its ``initdb``/``pg_ctl`` wrappers directly: TCP on exactly
 the addresses given (never ``*``) plus a Unix socket for the test process itself, and
-trust authentication only for the given client addresses.
+trust authentication only for the given client addresses.  With ``standby_of`` the server
+is a streaming standby of another one (``pg_basebackup -R`` over its Unix socket), for the
+failover tests.
 """
 
 from __future__ import annotations
@@ -18,11 +20,16 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import psycopg
+
+from .worker import wait_until
+
 
 class VethPostgres:
     """initdb + postgres in a temporary directory; :meth:`stop` removes it all."""
 
-    def __init__(self, listen: Sequence[str], clients: Sequence[str]) -> None:
+    def __init__(self, listen: Sequence[str], clients: Sequence[str], *,
+                 standby_of: "VethPostgres | None" = None) -> None:
         import pgserver
         from pgserver.utils import find_suitable_port
 
@@ -33,8 +40,15 @@ class VethPostgres:
         try:
             # postgres refuses to run as root: do what pgserver does as root, run as "pgserver".
             self.user = self._system_user()
-            pgserver.initdb(["--auth=trust", "--encoding=utf8", "-U", "postgres"],
-                            pgdata=self.pgdata, user=self.user, timeout=120)
+            if standby_of is None:
+                pgserver.initdb(["--auth=trust", "--encoding=utf8", "-U", "postgres"],
+                                pgdata=self.pgdata, user=self.user, timeout=120)
+            else:
+                # -R writes primary_conninfo and standby.signal; the copied postgresql.conf
+                # keeps the primary's port and socket until the settings below override them.
+                pgserver.pg_basebackup(["-R", "-X", "stream", "-c", "fast", "-U", "postgres",
+                                        "-h", str(standby_of.dir), "-p", str(standby_of.port)],
+                                       pgdata=self.pgdata, user=self.user, timeout=120)
             # A port free on the first address now; postgres binds all of them below and
             # fails loudly if another process took it in between.
             self.port = find_suitable_port(listen[0])
@@ -54,7 +68,9 @@ class VethPostgres:
             }
             with open(self.pgdata / "postgresql.conf", "a") as conf:
                 conf.writelines(f"{key} = '{value}'\n" for key, value in settings.items())
-            hba = ["local all all trust"] + [f"host all all {addr}/32 trust" for addr in clients]
+            # "replication": a standby's pg_basebackup and walreceiver come over the socket.
+            hba = ["local all all trust", "local replication all trust"]
+            hba += [f"host all all {addr}/32 trust" for addr in clients]
             (self.pgdata / "pg_hba.conf").write_text("\n".join(hba) + "\n")
             if self.user:
                 shutil.chown(self.pgdata / "pg_hba.conf", self.user, self.user)
@@ -88,6 +104,17 @@ class VethPostgres:
         return f"postgresql://postgres@{address}:{self.port}/{database}"
 
     @property
+    def postmaster_pid(self) -> int:
+        """The postmaster's pid (first line of postmaster.pid)."""
+        return int((self.pgdata / "postmaster.pid").read_text().split()[0])
+
+    def promote(self) -> None:
+        """``pg_ctl promote -w``: returns once the standby accepts writes."""
+        import pgserver
+
+        pgserver.pg_ctl(["-w", "-t", "60", "promote"], pgdata=self.pgdata, user=self.user, timeout=90)
+
+    @property
     def local_url(self) -> str:
         """A URL for this process, over the Unix socket."""
         return f"postgresql://postgres@/postgres?host={self.dir}&port={self.port}"
@@ -113,3 +140,53 @@ class VethPostgres:
                 except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
                     pass  # not running after all (a start that failed): nothing to stop
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrimaryAndStandby:
+    """A primary and a streaming standby of it, replication synchronous or not; both
+    listen on 127.0.0.1 (``url`` names both, for failover) and their own Unix sockets."""
+
+    def __init__(self, synchronous: bool) -> None:
+        self.synchronous = synchronous
+        self.primary = VethPostgres(["127.0.0.1"], ["127.0.0.1"])
+        try:
+            self.standby = VethPostgres(["127.0.0.1"], ["127.0.0.1"], standby_of=self.primary)
+        except BaseException:
+            self.primary.stop()
+            raise
+        # Set after the base backup, on the primary only: a promoted standby that inherited
+        # synchronous_standby_names would wait forever for a standby of its own on every commit.
+        with self.admin(self.primary) as conn:
+            # synchronous_commit is off in VethPostgres (throwaway data): on here, so a commit
+            # returns only once the standby has flushed it (when synchronous).
+            conn.execute("ALTER SYSTEM SET synchronous_commit = on")
+            if synchronous:
+                conn.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            conn.execute("SELECT pg_reload_conf()")
+        state = "sync" if synchronous else "async"
+        wait_until(lambda: self._sync_state() == state, timeout=60, what=f"a {state} standby")
+
+    @staticmethod
+    def admin(server) -> psycopg.Connection:
+        return psycopg.connect(server.local_url, autocommit=True, application_name="failover_admin")
+
+    def _sync_state(self) -> str | None:
+        with self.admin(self.primary) as conn:
+            row = conn.execute("SELECT sync_state FROM pg_stat_replication WHERE state = 'streaming'").fetchone()
+            return row[0] if row else None
+
+    @property
+    def url(self) -> str:
+        return (f"postgresql://postgres@127.0.0.1:{self.primary.port},127.0.0.1:{self.standby.port}/postgres"
+                "?target_session_attrs=read-write")
+
+    def replayed(self) -> bool:
+        """Whether the standby has replayed everything the primary has written so far."""
+        with self.admin(self.primary) as conn:
+            lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+        with self.admin(self.standby) as conn:
+            return conn.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()[0]
+
+    def stop(self) -> None:
+        self.primary.stop()
+        self.standby.stop()

@@ -383,6 +383,8 @@ class DeadLetterQueue:
                     # unlocked in place, then reaped if they are exhausted.
                     released = BrokerStore(store.conn, s.schema).recover([])
                     report["recovered"] = sum(released.released.values())
+                    # The pass reaps the poison it released itself (celery_dlq installed).
+                    report["moved"] += released.reaped
                     if report["recovered"]:
                         report["moved"] += store.reap(s.max_deliveries, s.reap_batch_size)
         if s.backstop_window > 0:

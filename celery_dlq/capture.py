@@ -10,6 +10,7 @@ from typing import Any
 from celery.exceptions import MaxRetriesExceededError, Reject
 from kombu.serialization import dumps as kombu_dumps
 
+from kombu_pg.bulk import TEMPLATE_SAFE
 from kombu_pg.store.broker import JOB_KEY_HEADER
 
 from .config import Settings
@@ -70,6 +71,11 @@ def stamp_published(headers: dict | None = None, **kwargs) -> None:
     """``before_task_publish``: remember when the message was first published."""
     if isinstance(headers, dict):
         headers.setdefault(PUBLISHED_HEADER, datetime.now(timezone.utc).isoformat())
+
+
+# One publish time for a whole send_many batch is right (its messages commit together), so
+# kombu-pg's bulk templates stay on with celery_dlq installed.
+setattr(stamp_published, TEMPLATE_SAFE, True)
 
 
 def published_at(headers: dict) -> datetime | None:

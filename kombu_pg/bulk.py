@@ -19,6 +19,8 @@ signatures ``send_many`` hands to ``apply_async`` too.
 a template for the rest, which only get their own id, arguments and headers.  Anything a
 template cannot reproduce exactly (publish signals, sent events, routers that look at the
 arguments, countdown/eta/expires, links, canvases) goes through ``apply_async`` as usual.
+A ``before_task_publish`` receiver marked with :data:`TEMPLATE_SAFE` (it only adds headers
+whose value one batch may share, such as celery_dlq's publish time) keeps templates on.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import gc
 import queue
 import threading
+import weakref
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
@@ -324,6 +327,22 @@ def _decode(message: dict) -> Any:
     return body if encoding in (None, "utf-8") else Channel.codecs[encoding].decode(body)
 
 
+#: Set this attribute to True on a ``before_task_publish`` receiver that only adds headers
+#: whose value every message of one batch may share: templated messages then carry the
+#: value it gave the batch's first message of their shape.
+TEMPLATE_SAFE = "kombu_pg_template_safe"
+
+
+def _blocks_templates(signal: Any, honour_safe: bool) -> bool:
+    """Whether a receiver of ``signal`` may make a message differ from its template."""
+    for _, receiver in signal.receivers:
+        if isinstance(receiver, weakref.ReferenceType):
+            receiver = receiver()
+        if receiver is not None and not (honour_safe and getattr(receiver, TEMPLATE_SAFE, False)):
+            return True
+    return False
+
+
 class _TemplateSender:
     """Sends signatures through templates where that is exactly what Celery would send."""
 
@@ -336,9 +355,9 @@ class _TemplateSender:
             app.conf.task_protocol == 2
             and not app.conf.task_send_sent_event
             and not app.conf.task_always_eager
-            and not any(signal.receivers for signal in (signals.before_task_publish,
-                                                        signals.after_task_publish,
-                                                        signals.task_sent))
+            and not _blocks_templates(signals.before_task_publish, honour_safe=True)
+            and not _blocks_templates(signals.after_task_publish, honour_safe=False)
+            and not _blocks_templates(signals.task_sent, honour_safe=False)
             # Routers other than task_routes mappings may look at the arguments.
             and all(isinstance(route, MapRoute) for route in app.amqp.router.routes)
         )

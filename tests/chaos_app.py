@@ -39,6 +39,8 @@ if os.environ.get("VISIBILITY_TIMEOUT"):
     options["visibility_timeout"] = float(os.environ["VISIBILITY_TIMEOUT"])
 if os.environ.get("MAX_DELIVERIES"):
     options["max_deliveries"] = int(os.environ["MAX_DELIVERIES"])
+if os.environ.get("DURABLE_ACKS"):
+    options["durable_acks"] = True
 
 app = Celery("chaos_app", broker=URL, backend=URL if os.environ.get("CHAOS_RESULTS") else None)
 app.conf.result_backend_transport_options = {"schema": SCHEMA}

@@ -15,6 +15,7 @@ import pytest
 from celery import Celery, Task, group, signals
 from psycopg import sql
 
+from celery_dlq.capture import PUBLISHED_HEADER, stamp_published
 from kombu_pg.bulk import batch, send_many
 from kombu_pg.store.wakeups import Listener
 
@@ -214,6 +215,8 @@ def without_ids(message: dict) -> dict:
         if key in where:
             assert key == "delivery_tag" or where[key] == task_id
             where[key] = "ID"
+    if PUBLISHED_HEADER in message["headers"]:  # celery_dlq installed in this process: a time
+        message["headers"][PUBLISHED_HEADER] = "TIME"
     return message
 
 
@@ -276,6 +279,21 @@ def test_send_many_checks_arguments_of_every_task_and_publishes_nothing_on_error
         send_many([add.s(1, 2), add.s(3, 4), add.s(5)])
     assert CountingTask.built == 1  # the bad one was a templated one
     assert len(rows(pg_conn, schema)) == 1
+
+
+def test_celery_dlqs_publish_time_header_keeps_templates_on(app, add, pg_conn, schema):
+    """celery_dlq stamps every publish with its time (a before_task_publish receiver marked
+    template-safe): send_many still builds from templates, and every message has the header."""
+    connected = any(key[0] == "celery_dlq.published" for key, _ in signals.before_task_publish.receivers)
+    signals.before_task_publish.connect(stamp_published, weak=False, dispatch_uid="celery_dlq.published")
+    try:
+        app.send_task("warm.up")
+        send_many([add.s(i, i) for i in range(5)])
+    finally:
+        if not connected:  # as this process had it: other tests may rely on either
+            signals.before_task_publish.disconnect(stamp_published, dispatch_uid="celery_dlq.published")
+    assert CountingTask.built == 1
+    assert all(PUBLISHED_HEADER in m["headers"] for m in messages(pg_conn, schema))
 
 
 def test_send_many_gives_each_delayed_task_its_own_eta(app, add, pg_conn, schema):

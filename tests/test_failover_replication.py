@@ -102,6 +102,11 @@ def test_kill_the_primary_mid_load_and_promote_the_standby(pair, pg_url, pg_conn
         "CHAOS_LOG_URL": pg_url, "CHAOS_LOG_SCHEMA": schema,
         # Deliveries the worker held when its sessions died come back after 5 s.
         "VISIBILITY_TIMEOUT": "5", "RECOVERY_INTERVAL": "1",
+        # Claims and acks commit without waiting for the WAL flush by default, so even a
+        # synchronous standby may miss the last of them: a task then runs again as a first
+        # delivery.  With durable_acks they reach it, and every extra run is a marked
+        # redelivery (asserted below for the synchronous case).
+        **({"DURABLE_ACKS": "1"} if pair.synchronous else {}),
     }, pool="threads", concurrency=4)
     client = Celery("failover_client", broker=pair.url, backend=pair.url, set_as_current=False)
     client.conf.broker_transport_options = {"schema": fschema}

@@ -274,6 +274,25 @@ def test_superseding_a_serial_keyed_message_wakes_the_queue_of_the_waiting_one(s
     assert [m.payload for m in store.claim("q2", 1, cid)] == [payload("b")]
 
 
+def test_a_superseded_dlq_requeue_puts_its_entry_back_to_dead(store, pg_conn):
+    """A requeued dead letter superseded at an unlock never runs: its entry is dead again,
+    with a note, instead of 'requeued' for ever."""
+    from celery_dlq.store import DLQStore, Entry
+
+    dlq = DLQStore(pg_conn, store.schema)
+    [row_id, _] = dlq.capture(Entry(message=payload("a"), reason="non_retryable", source="signal",
+                                    task_id="a", task_name="t", queue="q", exchange="", routing_key="q"))
+    dlq.mark_requeued(row_id)
+    cid = store.register_consumer()
+    store.publish_job("q", '{"headers": {"id": "a", "dlq_id": %d}, "properties": {}}' % row_id, "k")
+    [a] = store.claim("q", 1, cid)
+    store.publish_job("q", payload("b"), "k")
+    assert store.requeue([a.token]) == []  # superseded by b
+    status, notes = pg_conn.execute(sql.SQL("SELECT status, notes FROM {}.dlq WHERE id = %s").format(
+        sql.Identifier(store.schema)), (row_id,)).fetchone()
+    assert status == "dead" and "superseded by task b" in notes[-1], (status, notes)
+
+
 def test_a_payload_that_is_not_json_does_not_stop_superseding(store, pg_conn):
     cid = store.register_consumer()
     store.publish_job("q", "not json", "k")

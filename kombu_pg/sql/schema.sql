@@ -607,6 +607,7 @@ $$;
 -- (unlocked = 0): its queue, job key, whether it had a serial key, its task id and the
 -- waiting message's.  A job key allows one waiting message, so an unlocked message whose
 -- key already has one is superseded (deleted) instead of failing the statement (0009).
+-- A superseded DLQ requeue's entry goes back to dead with a note (0015).
 CREATE FUNCTION {schema}.unlock(p_tokens uuid[], p_channel text)
 RETURNS TABLE (queue text, unlocked integer, job_key text, serial boolean, task_id text,
                waiting_task_id text)
@@ -656,12 +657,20 @@ BEGIN
         -- A message with the key is waiting: this one is superseded by it.
         DELETE FROM {schema}.messages m WHERE m.id = keyed.id AND m.lock_token = keyed.lock_token
         RETURNING m.queue, m.serial_key IS NOT NULL AS serial,
-                  {schema}.dlq_text({schema}.dlq_json(m.payload), 'headers', 'id') AS task_id
+                  {schema}.dlq_text({schema}.dlq_json(m.payload), 'headers', 'id') AS task_id,
+                  {schema}.dlq_text({schema}.dlq_json(m.payload), 'headers', 'dlq_id') AS dlq_id
         INTO gone;
         CONTINUE WHEN NOT FOUND;  -- acked meanwhile
         SELECT w.queue, {schema}.dlq_text({schema}.dlq_json(w.payload), 'headers', 'id') AS task_id
         INTO twin
         FROM {schema}.messages w WHERE w.job_key = keyed.job_key AND w.lock_token IS NULL;
+        -- A requeued dead letter (its dlq_id header) never runs now: its entry is dead
+        -- again, with a note, instead of 'requeued' for ever.
+        UPDATE {schema}.dlq d SET status = 'dead', notes = array_append(d.notes, format(
+                   'requeued task %s was superseded by task %s (same job key) before it was '
+                   'acked: back to dead', gone.task_id, twin.task_id))
+        WHERE d.id = CASE WHEN gone.dlq_id ~ '^[0-9]{{1,18}}$' THEN gone.dlq_id::bigint END
+          AND d.status = 'requeued';
         -- The waiting one may share this one's serial key, which the delete just freed.
         IF twin.queue IS NOT NULL THEN
             woken := woken || twin.queue;

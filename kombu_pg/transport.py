@@ -671,7 +671,7 @@ class Transport(virtual.Transport):
         try:
             work.cancel_queue(queue, consumer)
             self.mark_busy(queue)  # nobody here waits for it any more
-        except psycopg.Error:
+        except (psycopg.OperationalError, psycopg.InterfaceError):
             pass  # the session is gone, and its consumer rows go with it (recovery)
 
     def buffer_ack(self, tag: str) -> None:
